@@ -1,0 +1,175 @@
+"""The interface every meta-learning algorithm shares.
+
+An algorithm wraps a model split into trunk and inner part (`mrml.models.split`), and offers:
+- `meta_gradient(episodes)`: fill `.grad` of the outer parameters with the meta-gradient averaged
+  over the episodes, return the step's statistics (query loss, accuracy, solver figures);
+- `adapt(episode)` -> query predictions after test-time adaptation (for evaluation).
+The outer optimizer is an ordinary `torch.optim` optimizer over `outer_parameters()`.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..data.base import Episode
+from ..models.split import ModelSplit, Params, split_model
+from .losses import TaskLoss
+
+
+@dataclass
+class AlgoConfig:
+    """Settings shared by the algorithms (each uses the ones that apply to it)."""
+
+    inner: str | None = None  # which parameters adapt per task: head | last-block | all | name prefixes (None: the algorithm's default)
+    inner_steps: int = 20  # K
+    inner_lr: float = 0.1  # alpha
+    l2: float | None = None  # lambda: ridge (head) or proximal strength of the inner loss (None: the algorithm's default)
+    prox: bool | None = None  # proximal term lam/2||y - y0||^2, learned y0; None: iff inner goes beyond the last stage
+    cg_steps: int = 20  # N
+    cg_tol: float = 1e-10  # relative residual at which CG stops early
+    warm_start: bool = False  # keep each task's y and v across outer iterations (fixed, finite task sets)
+    recompute_features: bool = False  # paper-faithful form: re-run the whole network in every inner step
+    test_steps: int = 20
+    test_lr: float = 0.05
+    first_order: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StepStats:
+    """Averages over the tasks of one meta-step."""
+
+    loss: float
+    accuracy: float | None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def mean_stats(per_task: list[StepStats]) -> StepStats:
+    n = len(per_task)
+    acc = [s.accuracy for s in per_task if s.accuracy is not None]
+    keys = {k for s in per_task for k in s.extra}
+    extra = {k: sum(s.extra.get(k, 0.0) for s in per_task) / n for k in sorted(keys)}
+    return StepStats(sum(s.loss for s in per_task) / n, sum(acc) / len(acc) if acc else None, extra)
+
+
+def flat(ts: Iterable[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def unflat(v: torch.Tensor, like: Params) -> Params:
+    out, i = {}, 0
+    for k, t in like.items():
+        out[k] = v[i : i + t.numel()].view_as(t)
+        i += t.numel()
+    return out
+
+
+def detached(ps: Params, requires_grad: bool = False) -> Params:
+    return {k: v.detach().requires_grad_(requires_grad) for k, v in ps.items()}
+
+
+class MetaAlgorithm(abc.ABC):
+    """Base: model split, losses, the regularised inner loss g and plain inner gradient descent."""
+
+    name = "base"
+    #: whether the inner part's initial value is learned (MAML family) or fixed (mrml/ITD-BiO head)
+    learns_inner_init = False
+    #: the inner part and inner-loss strength lambda when the config leaves them unset
+    default_inner = "head"
+    default_l2 = 1e-2
+
+    def __init__(self, model: nn.Module, loss: TaskLoss | str = "classification", config: AlgoConfig | None = None):
+        self.model = model
+        self.loss = loss if isinstance(loss, TaskLoss) else TaskLoss(loss)
+        self.config = replace(config or AlgoConfig())
+        if self.config.inner is None:
+            self.config.inner = self.default_inner
+        if self.config.l2 is None:
+            self.config.l2 = self.default_l2
+        self.split: ModelSplit = split_model(model, self.config.inner, self.config.recompute_features)
+        self.prox = self.config.prox if self.config.prox is not None else not self.split.inner_is_last_stage
+
+    # -- parameters ----------------------------------------------------------------------------
+    def outer_parameters(self) -> list[nn.Parameter]:
+        """What the outer optimizer updates: everything but a fixed (not learned) inner init."""
+        inner = {id(p) for p in self.split.inner_parameters()}
+        learned_init = self.learns_inner_init or self.prox
+        return [p for p in self.model.parameters() if learned_init or id(p) not in inner]
+
+    def zero_grad(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+
+    # -- losses --------------------------------------------------------------------------------
+    def regulariser(self, y: Params, centre: Params | None) -> torch.Tensor:
+        lam = self.config.l2
+        terms = [((v - centre[k]) if centre is not None else v).pow(2).sum() for k, v in y.items()]
+        return 0.5 * lam * torch.stack(terms).sum()
+
+    def inner_loss(self, xa: Params, y: Params, feats: torch.Tensor, labels: torch.Tensor, centre: Params | None) -> torch.Tensor:
+        """g(x, y): support loss of the adapted part plus (lam/2)||y - centre||^2 (centre 0 if None)."""
+        g = self.loss(self.split.predict({**xa, **y}, feats), labels)
+        if self.config.l2 > 0:
+            g = g + self.regulariser(y, centre)
+        return g
+
+    def centre(self, attached: bool) -> Params | None:
+        if not self.prox:
+            return None
+        init = self.split.inner_init()
+        return init if attached else detached(init)
+
+    def gradient_descent(
+        self, xa: Params, y: Params, feats: torch.Tensor, labels: torch.Tensor, steps: int, lr: float, centre: Params | None
+    ) -> Params:
+        """K plain gradient steps on g in y; no graph is kept across steps."""
+        y = detached(y)
+        for _ in range(steps):
+            y = detached(y, requires_grad=True)
+            with torch.enable_grad():
+                g = self.inner_loss(xa, y, feats, labels, centre)
+                grads = torch.autograd.grad(g, list(y.values()))
+            y = {k: (v - lr * gk).detach() for (k, v), gk in zip(y.items(), grads)}
+        return y
+
+    # -- the two entry points ------------------------------------------------------------------
+    def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None) -> StepStats:
+        """Set `.grad` of the outer parameters to the mean meta-gradient over `episodes`."""
+        self.zero_grad()
+        scale = 1.0 / len(episodes)
+        ids = task_ids if task_ids is not None else [None] * len(episodes)
+        return mean_stats([self.task_gradient(ep, scale, tid) for ep, tid in zip(episodes, ids)])
+
+    @abc.abstractmethod
+    def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
+        """Accumulate `scale` x this task's meta-gradient into `.grad`; return its statistics."""
+
+    def adapt(self, ep: Episode) -> torch.Tensor:
+        """Query predictions after test-time adaptation: trunk frozen, inner part adapted
+        `test_steps` steps at `test_lr` on the inner loss."""
+        with torch.no_grad():
+            fs, fq = self.split.features(ep.support_x), self.split.features(ep.query_x)
+        xa = detached(self.split.adapt_outer())
+        y = self.gradient_descent(
+            xa, self.split.inner_init(), fs, ep.support_y, self.config.test_steps, self.config.test_lr, self.centre(False)
+        )
+        with torch.no_grad():
+            return self.split.predict({**xa, **y}, fq)
+
+    def evaluate(self, ep: Episode) -> StepStats:
+        pred = self.adapt(ep)
+        return StepStats(float(self.loss(pred, ep.query_y)), self.loss.accuracy(pred, ep.query_y))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Algorithm state beyond the model (e.g. warm starts); saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,22 @@
+"""Task losses: cross-entropy with accuracy for classification, mean squared error for regression."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TaskLoss:
+    kind: str  # "classification" | "regression"
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.kind == "classification":
+            return F.cross_entropy(pred, target)
+        return F.mse_loss(pred.reshape(target.shape), target)
+
+    def accuracy(self, pred: torch.Tensor, target: torch.Tensor) -> float | None:
+        if self.kind != "classification":
+            return None
+        return float((pred.argmax(-1) == target).float().mean())

@@ -1,0 +1,169 @@
+"""Command-line front end: parses options and calls the library. No maths here.
+
+Every user error is one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from .errors import UsageError
+
+# option name -> (type, help); defaults live in RunConfig, so only given options are passed on
+TRAIN_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "dataset": (str, "task source: glyphs (default, embedded), sinusoid, cifar-fs, fc100, mini-imagenet, tiered-imagenet, omniglot"),
+    "data_root": (str, "folder holding the dataset files (on-disk benchmarks)"),
+    "split_file": (str, "class split JSON to use instead of the canonical one"),
+    "algo": (str, "algorithm: mrml (default) and the baselines (see `mrml train --help`)"),
+    "ways": (int, "classes per episode (N)"),
+    "shots": (int, "support examples per class (K-shot)"),
+    "query": (int, "query examples per class"),
+    "meta_batch": (int, "tasks per outer iteration"),
+    "iterations": (int, "outer iterations (0: untrained reference)"),
+    "inner_steps": (int, "inner gradient steps K"),
+    "inner_lr": (float, "inner step size alpha"),
+    "outer_lr": (float, "outer (Adam) learning rate"),
+    "cg_steps": (int, "conjugate-gradient iterations N"),
+    "cg_tol": (float, "relative CG residual at which the solve stops early"),
+    "l2": (float, "lambda: ridge (head) or proximal strength of the inner loss"),
+    "inner": (str, "inner part: head, last-block, all, or parameter name prefixes"),
+    "backbone": (str, "conv4 (default) or mlp"),
+    "width": (int, "backbone width (filters); default per backbone"),
+    "seed": (int, "seed of the model init and the training episodes"),
+    "eval_seed": (int, "seed of the validation/test episodes"),
+    "out": (str, "run folder (config.json, metrics.jsonl, checkpoint.pt, final.json)"),
+    "device": (str, "auto (default), cpu, cuda, cuda:N"),
+    "dtype": (str, "float32 (default) or float64"),
+    "preset": (str, "the authors' settings: cifar-fs, fc100, mini-imagenet, tiered-imagenet"),
+    "optimizer": (str, "outer optimizer: adam (default) or sgd"),
+    "test_steps": (int, "head adaptation steps at test time"),
+    "test_lr": (float, "head adaptation step size at test time"),
+    "log_every": (int, "iterations between metrics.jsonl records"),
+    "val_every": (int, "iterations between validations"),
+    "val_episodes": (int, "episodes per validation"),
+    "test_episodes": (int, "episodes of the final meta-test"),
+    "checkpoint_every": (int, "iterations between checkpoints"),
+}
+TRAIN_FLAGS = {
+    "warm_start": "keep each task's inner solution and CG vector across iterations (fixed task sets)",
+    "recompute_features": "paper-faithful form: re-run the backbone with gradient in every inner step",
+    "first_order": "drop second-order terms where the algorithm has them",
+    "augment": "training-set augmentation (image datasets that offer it)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    for name, (typ, help_) in TRAIN_OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    for name, help_ in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None, help=help_)
+    p.add_argument("--prox", dest="prox", action="store_true", default=None, help="proximal inner loss (learned centre)")
+    p.add_argument("--no-prox", dest="prox", action="store_false", help="ridge inner loss (centre 0)")
+
+
+def explicit_options(ns: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {k: getattr(ns, k) for k in names if getattr(ns, k, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mrml", description="Memory-reduced meta-learning and its baselines.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="meta-train (default: glyphs 5-way 1-shot with mrml)")
+    _add_train_options(p)
+    p.add_argument("--resume", metavar="DIR", default=None, help="continue the run in DIR where it stopped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("eval", help="meta-test the checkpoint of a run folder")
+    p.add_argument("run_dir", metavar="DIR")
+    p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--seed", type=int, default=None, help="episode seed (default: the run's eval seed)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--data-root", default=None, help="dataset folder, if it moved since training")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("data", help="inspect datasets on disk")
+    dsub = p.add_subparsers(dest="data_command", parser_class=_Parser)
+    c = dsub.add_parser("check", help="detect the format, verify splits, shapes and counts")
+    c.add_argument("--dataset", required=True)
+    c.add_argument("--root", required=True)
+    c.add_argument("--split-file", default=None)
+    return parser
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .config import RunConfig
+    from .train import train
+
+    opts = explicit_options(ns, list(TRAIN_OPTIONS) + list(TRAIN_FLAGS) + ["prox"])
+    if ns.resume is not None:
+        extra = set(opts) - {"iterations"}
+        if extra:
+            raise UsageError(f"--resume continues a run with its saved settings; only --iterations may change (got --{sorted(extra)[0].replace('_', '-')})")
+        train(resume=ns.resume, iterations=opts.get("iterations"), progress=not ns.no_progress)
+    else:
+        train(RunConfig.resolve(opts), progress=not ns.no_progress)
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .config import RunConfig
+    from .train import build_run
+
+    if ns.episodes < 1:
+        raise UsageError(f"--episodes must be >= 1 (got {ns.episodes})")
+    state = load_checkpoint(ns.run_dir)
+    cfg = RunConfig.from_dict(state["config"])
+    if ns.data_root:
+        cfg.data_root = ns.data_root
+    if ns.device:
+        cfg.device = ns.device
+    run = build_run(cfg)
+    run.model.load_state_dict(state["model"])
+    result = run.test(ns.split, ns.episodes, ns.seed, progress=not ns.json)
+    result.update(run_dir=str(ns.run_dir), iteration=state["iteration"], algo=cfg.algo, dataset=cfg.dataset)
+    if ns.json:
+        print(json.dumps(result))
+    elif result["accuracy"] is not None:
+        print(f"{ns.split} accuracy: {100 * result['accuracy']:.2f}% ± {100 * result['ci95']:.2f}% "
+              f"({result['episodes']} episodes, seed {result['seed']}, iteration {state['iteration']})")
+    else:
+        print(f"{ns.split} loss: {result['loss']:.4f} ± {result['loss_ci95']:.4f} ({result['episodes']} episodes)")
+    return 0
+
+
+def cmd_data(ns: argparse.Namespace) -> int:
+    if ns.data_command != "check":
+        raise UsageError("expected `mrml data check --dataset NAME --root PATH`")
+    from .data.check import check_main
+
+    return check_main(ns.dataset, ns.root, ns.split_file)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+        if ns.command is None:
+            parser.print_help()
+            return 2
+        return COMMANDS[ns.command](ns)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

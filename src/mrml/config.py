@@ -1,0 +1,107 @@
+"""Every setting of a run, resolved: defaults < preset < explicit options. Saved as config.json."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .algorithms.base import AlgoConfig
+from .errors import UsageError
+from .presets import preset_settings
+
+
+@dataclass
+class RunConfig:
+    # task source
+    dataset: str = "glyphs"
+    data_root: str | None = None
+    split_file: str | None = None
+    augment: bool = False
+    ways: int = 5
+    shots: int = 1
+    query: int = 15
+    # algorithm
+    algo: str = "mrml"
+    inner: str | None = None  # None: the algorithm's default (head for mrml)
+    inner_steps: int = 20
+    inner_lr: float = 0.1
+    l2: float | None = None  # None: the algorithm's default (1e-2 for mrml)
+    prox: bool | None = None
+    cg_steps: int = 20
+    cg_tol: float = 1e-10
+    warm_start: bool = False
+    recompute_features: bool = False
+    first_order: bool = False
+    test_steps: int = 20
+    test_lr: float = 0.05
+    # model and outer loop
+    backbone: str = "conv4"
+    width: int | None = None
+    meta_batch: int = 4
+    iterations: int = 400
+    outer_lr: float = 1e-3
+    optimizer: str = "adam"
+    # run
+    seed: int = 0
+    eval_seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    out: str | None = None
+    preset: str | None = None
+    log_every: int = 10
+    val_every: int = 100
+    val_episodes: int = 100
+    test_episodes: int = 600
+    checkpoint_every: int = 100
+
+    @classmethod
+    def resolve(cls, explicit: dict[str, Any]) -> "RunConfig":
+        """Build from explicitly given options on top of the preset (if any) and the defaults."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(explicit) - names
+        if unknown:
+            raise UsageError(f"unknown setting {sorted(unknown)[0]!r}")
+        settings: dict[str, Any] = {}
+        if explicit.get("preset"):
+            settings.update(preset_settings(explicit["preset"], explicit.get("algo", cls.algo)))
+        settings.update(explicit)
+        cfg = cls(**settings)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [
+            (self.ways >= 1, f"--ways must be >= 1 (got {self.ways})"),
+            (self.shots >= 1, f"--shots must be >= 1 (got {self.shots})"),
+            (self.query >= 1, f"--query must be >= 1 (got {self.query})"),
+            (self.meta_batch >= 1, f"--meta-batch must be >= 1 (got {self.meta_batch})"),
+            (self.iterations >= 0, f"--iterations must be >= 0 (got {self.iterations})"),
+            (self.inner_steps >= 0, f"--inner-steps must be >= 0 (got {self.inner_steps})"),
+            (self.cg_steps >= 0, f"--cg-steps must be >= 0 (got {self.cg_steps})"),
+            (self.inner_lr > 0, f"--inner-lr must be > 0 (got {self.inner_lr})"),
+            (self.outer_lr > 0, f"--outer-lr must be > 0 (got {self.outer_lr})"),
+            (self.l2 is None or self.l2 >= 0, f"--l2 must be >= 0 (got {self.l2})"),
+            (self.test_episodes >= 1, f"--test-episodes must be >= 1 (got {self.test_episodes})"),
+            (self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd (got {self.optimizer!r})"),
+            (self.dtype in ("float32", "float64"), f"--dtype must be float32 or float64 (got {self.dtype!r})"),
+            (min(self.log_every, self.val_every, self.checkpoint_every) >= 1,
+             "--log-every, --val-every and --checkpoint-every must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(msg)
+
+    def algo_config(self) -> AlgoConfig:
+        return AlgoConfig(
+            inner=self.inner, inner_steps=self.inner_steps, inner_lr=self.inner_lr, l2=self.l2, prox=self.prox,
+            cg_steps=self.cg_steps, cg_tol=self.cg_tol, warm_start=self.warm_start,
+            recompute_features=self.recompute_features, test_steps=self.test_steps, test_lr=self.test_lr,
+            first_order=self.first_order,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,53 @@
+"""Datasets by name: `build_dataset("glyphs")`, `build_dataset("cifar-fs", root=...)`.
+
+Each family module registers a builder with `@register("name")`; builders take `root` (a folder the
+user already has, or None for embedded data) plus keyword options, and return a task source with
+`episode(split, ways, shots, query, rng)`, `check_episode(...)`, `kind` and `input_shape`.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UsageError
+
+Builder = Callable[..., Any]
+_BUILDERS: dict[str, Builder] = {}
+
+# name -> module that registers it (imported on first use, so `mrml --help` stays fast)
+_MODULES = {
+    "glyphs": "mrml.data.glyphs",
+    "sinusoid": "mrml.data.sinusoid",
+    "cifar-fs": "mrml.data.benchmarks",
+    "fc100": "mrml.data.benchmarks",
+    "mini-imagenet": "mrml.data.benchmarks",
+    "tiered-imagenet": "mrml.data.benchmarks",
+    "omniglot": "mrml.data.benchmarks",
+}
+
+# datasets that are files the user has on disk (need --data-root)
+ON_DISK = ("cifar-fs", "fc100", "mini-imagenet", "tiered-imagenet", "omniglot")
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    def deco(fn: Builder) -> Builder:
+        _BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def dataset_names() -> list[str]:
+    return sorted(_MODULES)
+
+
+def build_dataset(name: str, root: str | Path | None = None, **options: Any) -> Any:
+    """Build the task source `name`; raises UsageError for an unknown name or missing root."""
+    if name not in _MODULES:
+        raise UsageError(f"unknown dataset {name!r}: expected one of {', '.join(dataset_names())}")
+    if name in ON_DISK and root is None:
+        raise UsageError(f"dataset {name!r} is read from files you have: pass --data-root PATH (see DATA_FORMATS)")
+    if name not in _BUILDERS:
+        importlib.import_module(_MODULES[name])
+    return _BUILDERS[name](root=None if root is None else Path(root), **options)

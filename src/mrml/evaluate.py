@@ -1,0 +1,45 @@
+"""Meta-testing: mean accuracy over seeded episodes with a 95% confidence interval (1.96 std/sqrt(T))."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .algorithms.base import MetaAlgorithm
+from .data.base import episode_rng
+
+
+def confidence95(values: list[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    return 1.96 * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+
+
+def meta_test(algo: MetaAlgorithm, source: Any, split: str, ways: int, shots: int, query: int, episodes: int,
+              seed: int, device: torch.device, dtype: torch.dtype = torch.float32, progress: bool = False) -> dict[str, Any]:
+    """Adapt to `episodes` seeded episodes of `split` and score the query sets.
+
+    Episode i is drawn from `episode_rng(seed, split, i)`: the same seed gives the same episodes,
+    whatever the model, so runs are compared on identical tasks.
+    """
+    it = range(episodes)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc=f"meta-test ({split})", leave=False, dynamic_ncols=True)
+    losses, accs = [], []
+    for i in it:
+        ep = source.episode(split, ways, shots, query, episode_rng(seed, split, i)).to(device, dtype)
+        stats = algo.evaluate(ep)
+        losses.append(stats.loss)
+        if stats.accuracy is not None:
+            accs.append(stats.accuracy)
+    out: dict[str, Any] = {"split": split, "episodes": episodes, "seed": seed,
+                           "loss": float(np.mean(losses)), "loss_ci95": confidence95(losses)}
+    if accs:
+        out.update(accuracy=float(np.mean(accs)), ci95=confidence95(accs))
+    else:
+        out.update(accuracy=None, ci95=None)
+    return out

@@ -1,0 +1,62 @@
+"""Linear solves on Hessian-vector products: conjugate gradient, batched over tasks.
+
+Used by every implicit algorithm (`mrml`, `imaml`): solve A v = b where only the product A p is
+available. Vectors are flat, with optional leading batch dimensions; each batch row is solved
+independently, and rows stop updating once their residual is below tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class CGInfo:
+    """Solver statistics: iterations run, final relative residual ||r||/||b|| (largest over the batch), whether all
+    rows converged, and how many rows met non-positive curvature (their solve stopped there)."""
+
+    iterations: int
+    residual: float
+    converged: bool
+    nonpositive_curvature: int
+
+
+def conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    max_iter: int = 20,
+    tol: float = 1e-10,
+    x0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, CGInfo]:
+    """Approximately solve `matvec(x) = b` (A symmetric positive definite) in at most `max_iter` steps.
+
+    Stops a row when ||r|| <= tol * max(||b||, tiny). A direction with p'Ap <= 0 means A is not
+    positive definite there: that row keeps its current iterate and is reported, never divided by.
+    """
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - matvec(x) if x0 is not None else b.clone()
+    p = r.clone()
+    rs = (r * r).sum(-1, keepdim=True)
+    bnorm = b.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
+    active = rs.sqrt() > tol * bnorm
+    bad = torch.zeros_like(active)
+    it = 0
+    while it < max_iter and bool(active.any()):
+        ap = matvec(p)
+        pap = (p * ap).sum(-1, keepdim=True)
+        curv_ok = pap > torch.finfo(b.dtype).eps * (p * p).sum(-1, keepdim=True)
+        bad = bad | (active & ~curv_ok)
+        active = active & curv_ok
+        alpha = torch.where(active, rs / torch.where(curv_ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = (r * r).sum(-1, keepdim=True)
+        beta = torch.where(active, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+        p = torch.where(active, r + beta * p, p)
+        rs = torch.where(active, rs_new, rs)
+        active = active & (rs.sqrt() > tol * bnorm)
+        it += 1
+    residual = float((rs.sqrt() / bnorm).max())
+    return x, CGInfo(it, residual, not bool(active.any()) and not bool(bad.any()), int(bad.sum()))

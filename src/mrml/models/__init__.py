@@ -1,0 +1,7 @@
+"""Backbones and heads by name (`build_model`), and the split of a model into trunk and inner part."""
+from __future__ import annotations
+
+from .backbones import BACKBONES, FewShotNet, build_model
+from .split import ModelSplit, split_model
+
+__all__ = ["BACKBONES", "FewShotNet", "ModelSplit", "build_model", "split_model"]
