@@ -39,12 +39,12 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 
 def dataset_names() -> list[str]:
-    return sorted(_MODULES)
+    return sorted(set(_MODULES) | set(_BUILDERS))
 
 
 def build_dataset(name: str, root: str | Path | None = None, **options: Any) -> Any:
     """Build the task source `name`; raises UsageError for an unknown name or missing root."""
-    if name not in _MODULES:
+    if name not in _MODULES and name not in _BUILDERS:
         raise UsageError(f"unknown dataset {name!r}: expected one of {', '.join(dataset_names())}")
     if name in ON_DISK and root is None:
         raise UsageError(f"dataset {name!r} is read from files you have: pass --data-root PATH (see DATA_FORMATS)")

@@ -1,0 +1,8 @@
+"""Task sources: seeded episodes from class-disjoint splits (`build_dataset(name, root)`)."""
+from __future__ import annotations
+
+from .base import SPLITS, ArrayClassImages, ClassImages, Episode, FewShotDataset, episode_rng
+from .registry import build_dataset, dataset_names, register
+
+__all__ = ["SPLITS", "ArrayClassImages", "ClassImages", "Episode", "FewShotDataset", "build_dataset",
+           "dataset_names", "episode_rng", "register"]
