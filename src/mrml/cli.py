@@ -5,6 +5,7 @@ Every user error is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Any, Callable, Sequence
@@ -16,6 +17,7 @@ TRAIN_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "dataset": (str, "task source: glyphs (default, embedded), sinusoid, cifar-fs, fc100, mini-imagenet, tiered-imagenet, omniglot"),
     "data_root": (str, "folder holding the dataset files (on-disk benchmarks)"),
     "split_file": (str, "class split JSON to use instead of the canonical one"),
+    "image_size": (int, "resize images to this side length (on-disk benchmarks)"),
     "algo": (str, "algorithm: mrml (default) and the baselines (see `mrml train --help`)"),
     "ways": (int, "classes per episode (N)"),
     "shots": (int, "support examples per class (K-shot)"),
@@ -51,6 +53,7 @@ TRAIN_FLAGS = {
     "recompute_features": "paper-faithful form: re-run the backbone with gradient in every inner step",
     "first_order": "drop second-order terms where the algorithm has them",
     "augment": "training-set augmentation (image datasets that offer it)",
+    "rotations": "add 90/180/270-degree rotations of each class as new classes (image datasets)",
 }
 
 
@@ -96,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", required=True)
     c.add_argument("--root", required=True)
     c.add_argument("--split-file", default=None)
+    for module in PLUGIN_COMMANDS:
+        importlib.import_module(module).add_commands(sub, COMMANDS)
     return parser
 
 
@@ -149,7 +154,9 @@ def cmd_data(ns: argparse.Namespace) -> int:
     return check_main(ns.dataset, ns.root, ns.split_file)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}
+# modules that add subcommands: each has add_commands(subparsers, COMMANDS) registering name -> handler
+PLUGIN_COMMANDS: list[str] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,8 @@ class RunConfig:
     data_root: str | None = None
     split_file: str | None = None
     augment: bool = False
+    rotations: bool = False
+    image_size: int | None = None
     ways: int = 5
     shots: int = 1
     query: int = 15
@@ -89,6 +91,19 @@ class RunConfig:
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
+
+    def dataset_options(self) -> dict[str, Any]:
+        """Options for the dataset builder (only those set away from their defaults, besides seed)."""
+        opts: dict[str, Any] = {"seed": self.seed}
+        if self.augment:
+            opts["augment"] = True
+        if self.rotations:
+            opts["rotations"] = True
+        if self.image_size is not None:
+            opts["image_size"] = self.image_size
+        if self.split_file is not None:
+            opts["split_file"] = self.split_file
+        return opts
 
     def algo_config(self) -> AlgoConfig:
         return AlgoConfig(

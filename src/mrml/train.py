@@ -70,7 +70,7 @@ class Run:
 def build_run(cfg: RunConfig) -> Run:
     device = pick_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
-    source = build_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed, augment=cfg.augment, split_file=cfg.split_file)
+    source = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options())
     for split in ("train", "validation", "test"):
         source.check_episode(split, cfg.ways, cfg.shots, cfg.query)
     torch.manual_seed(cfg.seed)

@@ -43,7 +43,7 @@ class SinusoidTasks:
 
 @register("sinusoid")
 def build_sinusoid(root: object = None, **options: object) -> SinusoidTasks:
-    unknown = set(options) - {"seed", "augment", "split_file"}
+    unknown = set(options) - {"seed"}
     if unknown:
-        raise UsageError(f"sinusoid takes no option {sorted(unknown)[0]!r}")
+        raise UsageError(f"sinusoid tasks take no option {sorted(unknown)[0]!r}: drop --{sorted(unknown)[0].replace('_', '-')}")
     return SinusoidTasks()
