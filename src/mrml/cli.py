@@ -47,6 +47,7 @@ TRAIN_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "val_episodes": (int, "episodes per validation"),
     "test_episodes": (int, "episodes of the final meta-test"),
     "checkpoint_every": (int, "iterations between checkpoints"),
+    "dist_timeout": (float, "seconds a distributed process waits for the others before failing (torchrun runs)"),
 }
 TRAIN_FLAGS = {
     "warm_start": "keep each task's inner solution and CG vector across iterations (fixed task sets)",

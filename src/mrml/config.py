@@ -54,6 +54,7 @@ class RunConfig:
     val_episodes: int = 100
     test_episodes: int = 600
     checkpoint_every: int = 100
+    dist_timeout: float = 600.0  # seconds a process waits for the others before failing
 
     @classmethod
     def resolve(cls, explicit: dict[str, Any]) -> "RunConfig":

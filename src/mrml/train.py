@@ -5,6 +5,7 @@ run (or a distributed one) sees exactly the episodes of an uninterrupted single-
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .algorithms import MetaAlgorithm, build_algorithm
 from .checkpoint import atomic_json, atomic_write, load_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -26,9 +28,11 @@ from .memory import PeakMemoryMeter
 from .models import build_model
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank:
+        name = f"cuda:{local_rank}"
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -67,8 +71,8 @@ class Run:
                          self.device, self.dtype, progress)
 
 
-def build_run(cfg: RunConfig) -> Run:
-    device = pick_device(cfg.device)
+def build_run(cfg: RunConfig, local_rank: int = 0) -> Run:
+    device = pick_device(cfg.device, local_rank)
     dtype = getattr(torch, cfg.dtype)
     source = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options())
     for split in ("train", "validation", "test"):
@@ -112,6 +116,7 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, iterat
           progress: bool = True, stream: Any = None) -> dict[str, Any]:
     """Train (or resume) a run and meta-test it; returns final.json's content."""
     stream = stream or sys.stdout
+    ctx = distributed.from_environment()
     state = None
     if resume is not None:
         state = load_checkpoint(resume)
@@ -122,30 +127,49 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, iterat
     assert cfg is not None
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
-    prepare_out(out, resume is not None)
-    run = build_run(cfg)
+    if ctx.is_main:
+        prepare_out(out, resume is not None)
+    if cfg.meta_batch < ctx.world:
+        raise UsageError(f"--meta-batch {cfg.meta_batch} is smaller than the {ctx.world} processes: each needs a task")
+    run = build_run(cfg, ctx.local_rank)
+    distributed.init(ctx, run.device, cfg.dist_timeout)
+    try:
+        return _train_loop(run, ctx, out, state, progress, stream)
+    except distributed.RankFailure as e:
+        raise SystemExit(f"error: {e}; stopping") from None
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[str, Any] | None, progress: bool,
+                stream: Any) -> dict[str, Any]:
+    cfg = run.config
     start, elapsed, best = 0, 0.0, None
     if state is not None:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         run.algo.load_state_dict(state.get("algo", {}))
         start, elapsed, best = state["iteration"], state["seconds"], state.get("best_validation")
-        _truncate_metrics(out / "metrics.jsonl", start)
-    else:
+        if ctx.is_main:
+            _truncate_metrics(out / "metrics.jsonl", start)
+    elif ctx.is_main:
         for name in ("metrics.jsonl", "final.json"):
             (out / name).unlink(missing_ok=True)
-    atomic_json(out / "config.json", cfg.to_dict())
-    if cfg.preset and state is None:
+    if ctx.is_main:
+        atomic_json(out / "config.json", cfg.to_dict())
+    if cfg.preset and state is None and ctx.is_main:
         print(f"preset {cfg.preset} for {cfg.algo}: " + json.dumps(cfg.to_dict()), file=stream)
 
     def checkpoint(iteration: int) -> None:
+        if not ctx.is_main:
+            return
         save_checkpoint(out / "checkpoint.pt", {
             "config": cfg.to_dict(), "iteration": iteration, "seconds": elapsed, "best_validation": best,
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "algo": run.algo.state_dict(),
         })
 
     bar = None
-    if progress and cfg.iterations > start:
+    if progress and cfg.iterations > start and ctx.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.iterations, initial=start, desc=f"{cfg.algo} {cfg.dataset}", dynamic_ncols=True)
@@ -154,18 +178,16 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, iterat
     try:
         for it in range(start, cfg.iterations):
             t0 = time.perf_counter()
-            eps = run.episodes(it)
+            shard = ctx.shard(cfg.meta_batch)
+            eps = run.episodes(it, shard)
             logged = (it + 1) % cfg.log_every == 0 or it == start
             meter = PeakMemoryMeter(run.device) if logged else None
-            if meter is not None:
-                with meter:
-                    stats = run.algo.meta_gradient(eps)
-                    run.optimizer.step()
-            else:
-                stats = run.algo.meta_gradient(eps)
+            with meter if meter is not None else contextlib.nullcontext():
+                stats = run.algo.meta_gradient(eps, scale=1.0 / cfg.meta_batch)
+                stats = distributed.all_reduce_step(ctx, run.algo.outer_parameters(), stats, len(shard), run.device)
                 run.optimizer.step()
             elapsed += time.perf_counter() - t0
-            if meter is not None:
+            if meter is not None and ctx.is_main:
                 rep = meter.report()
                 rec = {"split": "train", "iteration": it + 1, "loss": stats.loss, "accuracy": stats.accuracy,
                        "seconds": round(elapsed, 4), "peak_mb": round(rep.peak_mb, 3), "meter": "dispatch",
@@ -181,7 +203,7 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, iterat
                     post["val"] = f"{best['accuracy']:.3f}" if best.get("accuracy") is not None else f"{best['loss']:.3f}"
                 bar.set_postfix(post)
                 bar.update(1)
-            if (it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations:
+            if ctx.is_main and ((it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations):
                 val = run.test("validation", cfg.val_episodes)
                 _log(metrics, {"split": "validation", "iteration": it + 1, "loss": val["loss"],
                                "accuracy": val["accuracy"], "ci95": val["ci95"], "seconds": round(elapsed, 4)})
@@ -201,6 +223,8 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, iterat
     if bar is not None:
         bar.close()
     checkpoint(cfg.iterations)
+    if not ctx.is_main:
+        return {}
     test = run.test("test", progress=progress)
     final = {"algo": cfg.algo, "dataset": cfg.dataset, "iterations": cfg.iterations, "seconds": round(elapsed, 3),
              "seconds_per_iteration": round(elapsed / max(cfg.iterations, 1), 5), "best_validation": best,
