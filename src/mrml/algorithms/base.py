@@ -140,10 +140,12 @@ class MetaAlgorithm(abc.ABC):
         return y
 
     # -- the two entry points ------------------------------------------------------------------
-    def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None) -> StepStats:
-        """Set `.grad` of the outer parameters to the mean meta-gradient over `episodes`."""
+    def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
+                      scale: float | None = None) -> StepStats:
+        """Set `.grad` of the outer parameters to the mean meta-gradient over `episodes` (or, with
+        `scale`, to scale x their sum: a shard of a meta-batch split across processes)."""
         self.zero_grad()
-        scale = 1.0 / len(episodes)
+        scale = 1.0 / len(episodes) if scale is None else scale
         ids = task_ids if task_ids is not None else [None] * len(episodes)
         return mean_stats([self.task_gradient(ep, scale, tid) for ep, tid in zip(episodes, ids)])
 
