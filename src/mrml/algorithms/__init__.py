@@ -6,11 +6,20 @@ from typing import Any
 from torch import nn
 
 from ..errors import UsageError
+from .anil import ANIL
 from .base import AlgoConfig, MetaAlgorithm, StepStats
+from .imaml import IMAML
+from .itd_bio import ITDBiO
 from .losses import TaskLoss
+from .maml import FOMAML, MAML
 from .mrml import MRML
+from .protonet import ProtoNet
+from .reptile import Reptile
 
-ALGORITHMS: dict[str, type[MetaAlgorithm]] = {"mrml": MRML}
+ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
+    "mrml": MRML, "maml": MAML, "fomaml": FOMAML, "anil": ANIL, "itd-bio": ITDBiO, "imaml": IMAML,
+    "reptile": Reptile, "protonet": ProtoNet,
+}
 
 
 def register_algorithm(cls: type[MetaAlgorithm]) -> type[MetaAlgorithm]:
@@ -25,4 +34,5 @@ def build_algorithm(name: str, model: nn.Module, loss: TaskLoss | str, config: A
     return ALGORITHMS[name](model, loss, config)
 
 
-__all__ = ["ALGORITHMS", "AlgoConfig", "MetaAlgorithm", "MRML", "StepStats", "TaskLoss", "build_algorithm", "register_algorithm"]
+__all__ = ["ALGORITHMS", "ANIL", "AlgoConfig", "FOMAML", "IMAML", "ITDBiO", "MAML", "MetaAlgorithm", "MRML", "ProtoNet",
+           "Reptile", "StepStats", "TaskLoss", "build_algorithm", "register_algorithm"]

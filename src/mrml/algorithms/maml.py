@@ -1,0 +1,109 @@
+"""MAML (Finn et al. 2017) and first-order MAML: the iterative-differentiation family.
+
+Per task, K gradient steps on the inner loss g adapt the inner part y from its initial value, and the
+query loss f(x, y_K) is backpropagated through the whole inner path (`create_graph=True`): the
+meta-gradient is exactly d f(x, y_K(x, y_0)) / d(x, y_0), with memory growing linearly in K. The
+trunk (everything before the first stage that holds an inner parameter) runs once per image set,
+with gradient; the unrolled steps re-run only the adapted part on those attached features, so ANIL
+and ITD-BiO (`anil.py`, `itd_bio.py`) reuse this loop with the head as inner part.
+
+First order (`fomaml`, or `config.first_order`): every inner gradient is taken on detached inputs
+and treated as a constant, so y_K = y_0 - alpha * (sum of constants): the initialisation receives
+d_y f(x, y_K) (the query gradient at the adapted parameters) and the outer parameters of the trunk
+and adapted part receive only their direct term d_x f(x, y_K).
+
+Test-time adaptation runs the training inner loop -- `inner_steps` steps at `inner_lr` on the same
+inner loss, from the learned initialisation -- because that is the procedure the initialisation was
+meta-learned for (MAML's learned init is tuned to K steps of size alpha; `test_steps`/`test_lr` are
+the head-adaptation settings of mrml and ITD-BiO). Set `config.extra["test_adaptation"] = "test"` to
+use `test_steps` at `test_lr` instead.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..data.base import Episode
+from ..models.split import Params
+from .base import MetaAlgorithm, StepStats, detached
+
+
+class Unrolled(MetaAlgorithm):
+    """Iterative differentiation through K inner steps; subclasses choose the defaults."""
+
+    name = "unrolled"
+    #: force first order regardless of `config.first_order` (FOMAML)
+    force_first_order = False
+
+    @property
+    def first_order(self) -> bool:
+        return self.force_first_order or self.config.first_order
+
+    def init_learned(self) -> bool:
+        return self.learns_inner_init or self.prox
+
+    def unroll(self, xa: Params, y0: Params, fs: torch.Tensor, ys: torch.Tensor, steps: int, lr: float,
+               centre: Params | None) -> Params:
+        """K steps y <- y - lr d_y g(x, y); the graph through them is kept unless first order."""
+        y = dict(y0)
+        first = self.first_order
+        if first:  # inner gradients are constants: evaluate them on detached inputs
+            xa_d, fs_d = detached(xa), fs.detach()
+            c_d = detached(centre) if centre is not None else None
+        for _ in range(steps):
+            if first:
+                yd = detached(y, requires_grad=True)
+                with torch.enable_grad():
+                    g = self.inner_loss(xa_d, yd, fs_d, ys, c_d)
+                    grads = torch.autograd.grad(g, list(yd.values()))
+            else:
+                g = self.inner_loss(xa, y, fs, ys, centre)
+                grads = torch.autograd.grad(g, list(y.values()), create_graph=True)
+            y = {k: v - lr * gk for (k, v), gk in zip(y.items(), grads)}
+        return y
+
+    def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
+        cfg, split = self.config, self.split
+        fs, fq = split.features(ep.support_x), split.features(ep.query_x)  # trunk once, with gradient
+        xa = split.adapt_outer()
+        init = split.inner_init()
+        y0 = init if self.init_learned() else detached(init, requires_grad=True)
+        y = self.unroll(xa, y0, fs, ep.support_y, cfg.inner_steps, cfg.inner_lr, self.centre(True))
+        pred = split.predict({**xa, **y}, fq)
+        f = self.loss(pred, ep.query_y)
+        (scale * f).backward()
+        return StepStats(float(f.detach()), self.loss.accuracy(pred.detach(), ep.query_y))
+
+    def test_schedule(self) -> tuple[int, float]:
+        if self.config.extra.get("test_adaptation", "train") == "test":
+            return self.config.test_steps, self.config.test_lr
+        return self.config.inner_steps, self.config.inner_lr
+
+    def adapt(self, ep: Episode) -> torch.Tensor:
+        """The training inner loop (K steps at alpha, see the module docstring), without graph."""
+        steps, lr = self.test_schedule()
+        with torch.no_grad():
+            fs, fq = self.split.features(ep.support_x), self.split.features(ep.query_x)
+        xa = detached(self.split.adapt_outer())
+        y = self.gradient_descent(xa, self.split.inner_init(), fs, ep.support_y, steps, lr, self.centre(False))
+        with torch.no_grad():
+            return self.split.predict({**xa, **y}, fq)
+
+
+class MAML(Unrolled):
+    """Second-order MAML: every parameter adapted (inner "all", no regulariser), init learned.
+    `config.first_order=True` gives FOMAML. Test-time adaptation: the training inner loop."""
+
+    name = "maml"
+    learns_inner_init = True
+    default_inner = "all"
+    default_l2 = 0.0
+
+
+class FOMAML(MAML):
+    """First-order MAML: the query gradient at the adapted parameters, applied to the init.
+    Test-time adaptation: the training inner loop."""
+
+    name = "fomaml"
+    force_first_order = True

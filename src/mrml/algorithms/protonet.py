@@ -1,0 +1,66 @@
+"""Prototypical networks (Snell, Swersky & Zemel 2017): no inner loop, a metric on backbone features.
+
+Per task, each class's prototype is the mean backbone feature of its support examples; the logits
+of a query example are minus its squared euclidean distances to the prototypes; the meta-gradient
+is the gradient of the query cross-entropy with respect to the backbone. Only the backbone (the
+trunk of the split at the head) is used: the head is ignored, gets no gradient and is not among the
+outer parameters (the ignored part is the inner spec, "head" by default; `inner_steps`, `l2` and
+the other inner-loop settings do not apply). `adapt` computes the prototypes on the support set. Classification only.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.base import Episode
+from ..errors import UsageError
+from .base import AlgoConfig, MetaAlgorithm, StepStats
+from .losses import TaskLoss
+
+
+def prototype_logits(fs: torch.Tensor, ys: torch.Tensor, fq: torch.Tensor) -> torch.Tensor:
+    """-||fq - c_k||^2 for the class means c_k of the support features (classes 0..max label)."""
+    fs, fq = fs.flatten(1), fq.flatten(1)
+    n = int(ys.max()) + 1
+    sums = torch.zeros(n, fs.shape[1], dtype=fs.dtype, device=fs.device).index_add(0, ys, fs)
+    counts = torch.bincount(ys, minlength=n).to(fs.dtype).clamp_min(1).unsqueeze(1)
+    protos = sums / counts
+    return -((fq.unsqueeze(1) - protos.unsqueeze(0)) ** 2).sum(-1)
+
+
+class ProtoNet(MetaAlgorithm):
+    """Prototypes on the backbone features; the head is unused."""
+
+    name = "protonet"
+    learns_inner_init = False
+    default_inner = "head"
+    default_l2 = 0.0
+
+    def __init__(self, model: nn.Module, loss: TaskLoss | str = "classification", config: AlgoConfig | None = None):
+        kind = loss.kind if isinstance(loss, TaskLoss) else loss
+        if kind != "classification":
+            raise UsageError(f"protonet needs classification tasks (class prototypes), not {kind}: choose another --algo")
+        # the split at the ignored part (default: the head): its trunk is the backbone
+        config = replace(config or AlgoConfig(), recompute_features=False, prox=False)
+        super().__init__(model, loss, config)
+        if not any(True for _ in self.split.trunk.parameters()):
+            raise UsageError(f"protonet uses the network before its head; --inner {self.config.inner} leaves no backbone: use --inner head")
+
+    def outer_parameters(self) -> list[nn.Parameter]:
+        return list(self.split.trunk.parameters())
+
+    def logits(self, ep: Episode) -> torch.Tensor:
+        return prototype_logits(self.split.features(ep.support_x), ep.support_y, self.split.features(ep.query_x))
+
+    def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
+        pred = self.logits(ep)
+        f = self.loss(pred, ep.query_y)
+        (scale * f).backward()
+        return StepStats(float(f.detach()), self.loss.accuracy(pred.detach(), ep.query_y))
+
+    def adapt(self, ep: Episode) -> torch.Tensor:
+        with torch.no_grad():
+            return self.logits(ep)

@@ -1,0 +1,49 @@
+"""Reptile (Nichol, Achiam & Schulman 2018): first-order meta-learning without a query gradient.
+
+Per task, K plain gradient steps (no graph) adapt every parameter (inner "all") on the task's data
+-- by default the support and query sets together, as Reptile's inner loop trains on all the samples
+of a task; `config.extra["reptile_query"] = False` uses the support set only. The meta-gradient is
+init - adapted, averaged over the tasks: an outer SGD step of size eps moves the initialisation
+eps of the way toward the mean adapted parameters (eps = 1: onto it). With an inner part narrower than
+the whole network, only the inner parameters receive a meta-gradient (the rest get none and stay).
+
+The reported loss and accuracy are those of the adapted parameters on the query set, which (by
+default) the inner loop has trained on: training figures, not held-out ones.
+Defaults: inner "all", no regulariser (l2 = 0), init learned. Test-time adaptation: the training
+inner loop on the support set (`inner_steps` at `inner_lr`, as for MAML; see `maml.py`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..data.base import Episode
+from .base import StepStats, detached
+from .maml import Unrolled
+
+
+class Reptile(Unrolled):
+    """init - adapted as meta-gradient; test-time adaptation = training inner loop on the support set."""
+
+    name = "reptile"
+    learns_inner_init = True
+    default_inner = "all"
+    default_l2 = 0.0
+
+    def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
+        cfg, split = self.config, self.split
+        use_query = bool(cfg.extra.get("reptile_query", True))
+        with torch.no_grad():
+            fs, fq = split.features(ep.support_x), split.features(ep.query_x)
+        xa = detached(split.adapt_outer())
+        feats, labels = (torch.cat([fs, fq]), torch.cat([ep.support_y, ep.query_y])) if use_query else (fs, ep.support_y)
+        init = split.inner_init()
+        y = self.gradient_descent(xa, init, feats, labels, cfg.inner_steps, cfg.inner_lr, self.centre(False))
+        with torch.no_grad():
+            for k, p in init.items():
+                step = scale * (p.detach() - y[k])
+                p.grad = step if p.grad is None else p.grad + step
+            pred = split.predict({**xa, **y}, fq)
+            f = self.loss(pred, ep.query_y)
+        return StepStats(float(f), self.loss.accuracy(pred, ep.query_y))
