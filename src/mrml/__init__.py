@@ -1,4 +1,19 @@
-"""mrml: memory-reduced meta-learning (Yang, Ma, Yu, AAAI 2025) and its baselines."""
+"""mrml: memory-reduced meta-learning (Yang, Ma, Yu, AAAI 2025) and its baselines.
+
+    from mrml import MRML, AlgoConfig
+    learner = MRML(model, "classification", AlgoConfig(inner="head"))
+    learner.meta_gradient(episodes); optimizer.step()
+"""
 from __future__ import annotations
 
+from .algorithms import ALGORITHMS, AlgoConfig, MetaAlgorithm, StepStats, build_algorithm
+from .algorithms import ANIL, FOMAML, IMAML, ITDBiO, MAML, MRML, ProtoNet, Reptile
+from .data import Episode, build_dataset, episode_rng
+from .implicit import CGInfo, conjugate_gradient
+from .memory import PeakMemoryMeter
+
 __version__ = "0.1.0"
+
+__all__ = ["ALGORITHMS", "ANIL", "AlgoConfig", "CGInfo", "Episode", "FOMAML", "IMAML", "ITDBiO", "MAML", "MRML",
+           "MetaAlgorithm", "PeakMemoryMeter", "ProtoNet", "Reptile", "StepStats", "build_algorithm",
+           "build_dataset", "conjugate_gradient", "episode_rng"]

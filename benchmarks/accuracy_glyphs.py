@@ -1,0 +1,109 @@
+"""Every algorithm on glyphs 5-way 1-shot and 5-way 5-shot: equal outer iterations and task budget,
+the same 600 seeded test episodes. Writes benchmarks/results/accuracy_glyphs.{json,md} and the
+README table between the `accuracy-table` markers.
+
+    python benchmarks/accuracy_glyphs.py [--iterations 200] [--meta-batch 4] [--algos mrml,maml,...]
+
+Each run is a fresh `mrml train` process (so peak memory is its own); run folders go to
+benchmarks/runs/ (not committed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# Per-algorithm inner-loop settings (their usual values; everything else is shared).
+SETTINGS: dict[str, list[str]] = {
+    "mrml": ["--inner-steps", "20", "--inner-lr", "0.1", "--cg-steps", "20"],
+    "itd-bio": ["--inner-steps", "20", "--inner-lr", "0.1"],
+    "anil": ["--inner-steps", "10", "--inner-lr", "0.1"],
+    "maml": ["--inner-steps", "5", "--inner-lr", "0.4"],
+    "fomaml": ["--inner-steps", "5", "--inner-lr", "0.4"],
+    "imaml": ["--inner-steps", "20", "--inner-lr", "0.1", "--cg-steps", "5"],
+    "reptile": ["--inner-steps", "5", "--inner-lr", "0.1"],
+    "protonet": [],
+}
+
+
+def run_one(algo: str, shots: int, args: argparse.Namespace) -> dict:
+    out = HERE / "runs" / f"glyphs-{algo}-5w{shots}s-it{args.iterations}"
+    if (out / "final.json").exists() and not args.force:
+        return json.loads((out / "final.json").read_text())
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "mrml", "train", "--dataset", "glyphs", "--algo", algo, "--ways", "5",
+           "--shots", str(shots), "--query", "15", "--meta-batch", str(args.meta_batch),
+           "--iterations", str(args.iterations), "--val-every", str(args.iterations), "--val-episodes", "100",
+           "--test-episodes", str(args.episodes), "--seed", str(args.seed), "--no-progress", "--out", str(out),
+           *SETTINGS[algo]]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    final = json.loads((out / "final.json").read_text())
+    final["wall_seconds"] = round(time.time() - t0, 1)
+    final["command"] = " ".join(["mrml", *cmd[3:]])
+    (out / "final.json").write_text(json.dumps(final, indent=2))
+    return final
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| algorithm | 5-way 1-shot | 5-way 5-shot | s/iter (1-shot) | peak MiB (1-shot) |",
+             "|---|---|---|---|---|"]
+    by = {(r["algo"], r["shots"]): r for r in rows}
+    for algo in dict.fromkeys(r["algo"] for r in rows):
+        cells = []
+        for shots in (1, 5):
+            r = by.get((algo, shots))
+            cells.append(f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}" if r else "-")
+        r1 = by.get((algo, 1))
+        cells += [f"{r1['seconds_per_iteration']:.3f}" if r1 else "-", f"{r1['peak_mb']:.1f}" if r1 else "-"]
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--algos", default=",".join(SETTINGS))
+    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--meta-batch", type=int, default=4)
+    p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rerun runs that already finished")
+    p.add_argument("--readme", action="store_true", help="also write the table into README.md")
+    args = p.parse_args()
+    rows = []
+    for shots in (1, 5):
+        for algo in args.algos.split(","):
+            f = run_one(algo, shots, args)
+            rows.append({"algo": algo, "shots": shots, **{k: f.get(k) for k in (
+                "accuracy", "ci95", "episodes", "seconds_per_iteration", "peak_mb", "seconds", "wall_seconds", "command")}})
+            print(f"{algo:9s} 5w{shots}s  {100 * f['accuracy']:.2f} ± {100 * f['ci95']:.2f}  "
+                  f"{f['seconds_per_iteration']:.3f} s/it  {f['peak_mb']} MiB", flush=True)
+    settings = {"dataset": "glyphs", "ways": 5, "query": 15, "iterations": args.iterations,
+                "meta_batch": args.meta_batch, "test_episodes": args.episodes, "seed": args.seed,
+                "per_algorithm": SETTINGS}
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    (results / "accuracy_glyphs.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    table = markdown(rows)
+    (results / "accuracy_glyphs.md").write_text(table + "\n")
+    print(table)
+    if args.readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- accuracy-table -->", "<!-- /accuracy-table -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            readme.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+
+
+if __name__ == "__main__":
+    main()
