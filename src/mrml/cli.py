@@ -31,13 +31,16 @@ TRAIN_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "cg_tol": (float, "relative CG residual at which the solve stops early"),
     "l2": (float, "lambda: ridge (head) or proximal strength of the inner loss"),
     "inner": (str, "inner part: head, last-block, all, or parameter name prefixes"),
-    "backbone": (str, "conv4 (default) or mlp"),
+    "backbone": (str, "conv4 (default), resnet12, or mlp (sinusoid)"),
     "width": (int, "backbone width (filters); default per backbone"),
     "seed": (int, "seed of the model init and the training episodes"),
     "eval_seed": (int, "seed of the validation/test episodes"),
     "out": (str, "run folder (config.json, metrics.jsonl, checkpoint.pt, final.json)"),
     "device": (str, "auto (default), cpu, cuda, cuda:N"),
     "dtype": (str, "float32 (default) or float64"),
+    "task_chunk": (int, "tasks per batched (vmap) pass of mrml; 1 (default): one at a time (best on CPU)"),
+    "amp": (str, "mixed precision for the backbone: bf16 or fp16 (CUDA; CG stays float32)"),
+    "threads": (int, "CPU threads for torch (default: one per core; 1 is faster when other jobs share the cores)"),
     "preset": (str, "the authors' settings: cifar-fs, fc100, mini-imagenet, tiered-imagenet"),
     "optimizer": (str, "outer optimizer: adam (default) or sgd"),
     "test_steps": (int, "head adaptation steps at test time"),
@@ -54,6 +57,7 @@ TRAIN_FLAGS = {
     "recompute_features": "paper-faithful form: re-run the backbone with gradient in every inner step",
     "first_order": "drop second-order terms where the algorithm has them",
     "augment": "training-set augmentation (image datasets that offer it)",
+    "compile": "torch.compile the backbone (falls back to eager with a warning where it cannot)",
     "rotations": "add 90/180/270-degree rotations of each class as new classes (image datasets)",
 }
 
@@ -157,7 +161,7 @@ def cmd_data(ns: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}
 # modules that add subcommands: each has add_commands(subparsers, COMMANDS) registering name -> handler
-PLUGIN_COMMANDS: list[str] = []
+PLUGIN_COMMANDS: list[str] = ["mrml.bench", "mrml.report"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

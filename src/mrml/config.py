@@ -35,6 +35,9 @@ class RunConfig:
     first_order: bool = False
     test_steps: int = 20
     test_lr: float = 0.05
+    task_chunk: int = 1  # tasks per batched (vmap) pass; 1: tasks one at a time
+    amp: str | None = None  # bf16 | fp16 autocast of the backbone (CG stays float32)
+    compile: bool = False  # torch.compile the backbone
     # model and outer loop
     backbone: str = "conv4"
     width: int | None = None
@@ -47,6 +50,7 @@ class RunConfig:
     eval_seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
     out: str | None = None
     preset: str | None = None
     log_every: int = 10
@@ -85,6 +89,9 @@ class RunConfig:
             (self.l2 is None or self.l2 >= 0, f"--l2 must be >= 0 (got {self.l2})"),
             (self.test_episodes >= 1, f"--test-episodes must be >= 1 (got {self.test_episodes})"),
             (self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd (got {self.optimizer!r})"),
+            (self.task_chunk >= 1, f"--task-chunk must be >= 1 (got {self.task_chunk})"),
+            (self.amp in (None, "bf16", "fp16"), f"--amp must be bf16 or fp16 (got {self.amp!r})"),
+            (self.threads is None or self.threads >= 1, f"--threads must be >= 1 (got {self.threads})"),
             (self.dtype in ("float32", "float64"), f"--dtype must be float32 or float64 (got {self.dtype!r})"),
             (min(self.log_every, self.val_every, self.checkpoint_every) >= 1,
              "--log-every, --val-every and --checkpoint-every must be >= 1"),
@@ -111,7 +118,7 @@ class RunConfig:
             inner=self.inner, inner_steps=self.inner_steps, inner_lr=self.inner_lr, l2=self.l2, prox=self.prox,
             cg_steps=self.cg_steps, cg_tol=self.cg_tol, warm_start=self.warm_start,
             recompute_features=self.recompute_features, test_steps=self.test_steps, test_lr=self.test_lr,
-            first_order=self.first_order,
+            first_order=self.first_order, task_chunk=self.task_chunk, amp=self.amp, compile=self.compile,
         )
 
     def to_dict(self) -> dict[str, Any]:

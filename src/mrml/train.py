@@ -73,6 +73,8 @@ class Run:
 
 def build_run(cfg: RunConfig, local_rank: int = 0) -> Run:
     device = pick_device(cfg.device, local_rank)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     dtype = getattr(torch, cfg.dtype)
     source = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options())
     for split in ("train", "validation", "test"):

@@ -36,6 +36,11 @@ class AlgoConfig:
     test_steps: int = 20
     test_lr: float = 0.05
     first_order: bool = False
+    # -- speed (mrml; see mrml.algorithms.batched) ---------------------------------------------
+    task_chunk: int = 1  # tasks per batched pass (C); 1: the per-task loop, peak memory of one task
+    amp: str | None = None  # "bf16" | "fp16": autocast the trunk forward (CUDA; bf16 also on CPU); CG stays float32
+    compile: bool = False  # torch.compile the (task-batched) trunk; falls back to eager with a warning
+    # ------------------------------------------------------------------------------------------
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,14 +134,29 @@ class MetaAlgorithm(abc.ABC):
     def gradient_descent(
         self, xa: Params, y: Params, feats: torch.Tensor, labels: torch.Tensor, steps: int, lr: float, centre: Params | None
     ) -> Params:
-        """K plain gradient steps on g in y; no graph is kept across steps."""
+        """K plain gradient steps on g in y; no graph is kept across steps.
+
+        Guard against divergence: a step that increases g is taken back and retried with half the
+        step size (kept for the remaining steps). While g decreases this is plain gradient descent
+        with step `lr`; the step size in use at the end is left in `self.last_inner_lr`.
+        """
         y = detached(y)
-        for _ in range(steps):
-            y = detached(y, requires_grad=True)
+        prev: tuple[Params, float, tuple[torch.Tensor, ...]] | None = None
+        done = halvings = 0
+        while done < steps:
+            yr = detached(y, requires_grad=True)
             with torch.enable_grad():
-                g = self.inner_loss(xa, y, feats, labels, centre)
-                grads = torch.autograd.grad(g, list(y.values()))
+                g = self.inner_loss(xa, yr, feats, labels, centre)
+                grads = torch.autograd.grad(g, list(yr.values()))
+            gv = float(g.detach())
+            if prev is not None and not gv <= prev[1] + 1e-7 * abs(prev[1]) and halvings < 40:
+                lr, halvings = 0.5 * lr, halvings + 1  # g went up (or is not finite): retry the step
+                y = {k: (v - lr * gk).detach() for (k, v), gk in zip(prev[0].items(), prev[2])}
+                continue
+            prev = (y, gv, grads)
             y = {k: (v - lr * gk).detach() for (k, v), gk in zip(y.items(), grads)}
+            done += 1
+        self.last_inner_lr = lr
         return y
 
     # -- the two entry points ------------------------------------------------------------------

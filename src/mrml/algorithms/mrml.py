@@ -28,6 +28,17 @@ class MRML(MetaAlgorithm):
         super().__init__(*args, **kwargs)
         self._warm: dict[Any, tuple[Params, torch.Tensor]] = {}
 
+    # -- task-batched path (mrml.algorithms.batched): chunks of `task_chunk` tasks, amp, compile --
+    def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
+                      scale: float | None = None) -> StepStats:
+        cfg = self.config
+        if cfg.task_chunk > 1 or cfg.amp or cfg.compile:
+            from .batched import batched_meta_gradient
+
+            return batched_meta_gradient(self, episodes, task_ids, scale)
+        return super().meta_gradient(episodes, task_ids, scale)
+    # -- end of the task-batched hook -------------------------------------------------------------
+
     def solve(self, xa: Params, y: Params, fs: torch.Tensor, ys: torch.Tensor, rhs: torch.Tensor,
               centre: Params | None, v0: torch.Tensor | None = None) -> tuple[torch.Tensor, CGInfo]:
         """CG on (d2g/dy2) v = rhs at y, with x detached; the Hessian is never formed."""
@@ -71,7 +82,7 @@ class MRML(MetaAlgorithm):
         (scale * (f - mixed)).backward()
         return StepStats(float(f.detach()), self.loss.accuracy(pred, ep.query_y), {
             "cg_iterations": float(info.iterations), "cg_residual": info.residual,
-            "nonpositive_curvature": float(info.nonpositive_curvature),
+            "nonpositive_curvature": float(info.nonpositive_curvature), "inner_lr": self.last_inner_lr,
         })
 
     def state_dict(self) -> dict[str, Any]:
