@@ -116,3 +116,13 @@ def test_missing_and_foreign_checkpoints(tmp_path, capsys):
     assert_one_line_error(capsys, main(["eval", str(tmp_path)]), "not an mrml checkpoint")
     assert_one_line_error(capsys, main(["train", "--resume", str(tmp_path)]), "not an mrml checkpoint")
     assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_tensorboard_optional(tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert_one_line_error(capsys, train(tmp_path / "r", "--iterations", "1", "--tensorboard"), "pip install tensorboard")
+        return
+    assert train(tmp_path / "r", "--iterations", "2", "--tensorboard") == 0
+    assert list((tmp_path / "r" / "tensorboard").glob("events.*"))

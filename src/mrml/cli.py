@@ -58,6 +58,7 @@ TRAIN_FLAGS = {
     "first_order": "drop second-order terms where the algorithm has them",
     "augment": "training-set augmentation (image datasets that offer it)",
     "compile": "torch.compile the backbone (falls back to eager with a warning where it cannot)",
+    "tensorboard": "also log to TensorBoard in OUT/tensorboard (needs the tensorboard package)",
     "rotations": "add 90/180/270-degree rotations of each class as new classes (image datasets)",
 }
 

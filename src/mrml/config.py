@@ -58,6 +58,7 @@ class RunConfig:
     val_episodes: int = 100
     test_episodes: int = 600
     checkpoint_every: int = 100
+    tensorboard: bool = False  # mirror metrics.jsonl to TensorBoard (OUT/tensorboard)
     dist_timeout: float = 600.0  # seconds a process waits for the others before failing
 
     @classmethod

@@ -109,9 +109,27 @@ def prepare_out(out: Path, resume: bool) -> None:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable folder") from None
 
 
-def _log(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+class MetricsLog:
+    """metrics.jsonl (the source of truth), mirrored to TensorBoard when asked for."""
+
+    def __init__(self, path: Path, tensorboard: bool):
+        self.path = path
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("iteration", "split"):
+                    self.writer.add_scalar(f"{record['split']}/{key}", value, record["iteration"])
+            self.writer.flush()
 
 
 def train(cfg: RunConfig | None = None, resume: str | Path | None = None, iterations: int | None = None,
@@ -176,6 +194,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
 
         bar = tqdm(total=cfg.iterations, initial=start, desc=f"{cfg.algo} {cfg.dataset}", dynamic_ncols=True)
     metrics = out / "metrics.jsonl"
+    log = MetricsLog(metrics, cfg.tensorboard and ctx.is_main)
     it = start
     try:
         for it in range(start, cfg.iterations):
@@ -196,7 +215,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
                        **{k: v for k, v in stats.extra.items()}}
                 if rep.cuda_peak_mb is not None:
                     rec["cuda_peak_mb"] = round(rep.cuda_peak_mb, 3)
-                _log(metrics, rec)
+                log(rec)
             if bar is not None:
                 post = {"loss": f"{stats.loss:.3f}"}
                 if stats.accuracy is not None:
@@ -207,7 +226,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
                 bar.update(1)
             if ctx.is_main and ((it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations):
                 val = run.test("validation", cfg.val_episodes)
-                _log(metrics, {"split": "validation", "iteration": it + 1, "loss": val["loss"],
+                log({"split": "validation", "iteration": it + 1, "loss": val["loss"],
                                "accuracy": val["accuracy"], "ci95": val["ci95"], "seconds": round(elapsed, 4)})
                 key = "accuracy" if val["accuracy"] is not None else "loss"
                 better = best is None or (val[key] > best[key] if key == "accuracy" else val[key] < best[key])
