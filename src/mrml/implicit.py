@@ -21,6 +21,7 @@ class CGInfo:
     residual: float
     converged: bool
     nonpositive_curvature: int
+    rows: dict[str, torch.Tensor] | None = None  # per batch row: iterations, residual, bad (curvature)
 
 
 def conjugate_gradient(
@@ -42,8 +43,10 @@ def conjugate_gradient(
     bnorm = b.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
     active = rs.sqrt() > tol * bnorm
     bad = torch.zeros_like(active)
+    iters = torch.zeros(b.shape[:-1], dtype=torch.long, device=b.device)
     it = 0
     while it < max_iter and bool(active.any()):
+        iters += active.squeeze(-1).long()
         ap = matvec(p)
         pap = (p * ap).sum(-1, keepdim=True)
         curv_ok = pap > torch.finfo(b.dtype).eps * (p * p).sum(-1, keepdim=True)
@@ -58,5 +61,7 @@ def conjugate_gradient(
         rs = torch.where(active, rs_new, rs)
         active = active & (rs.sqrt() > tol * bnorm)
         it += 1
-    residual = float((rs.sqrt() / bnorm).max())
-    return x, CGInfo(it, residual, not bool(active.any()) and not bool(bad.any()), int(bad.sum()))
+    row_residual = (rs.sqrt() / bnorm).squeeze(-1)
+    rows = {"iterations": iters, "residual": row_residual, "bad": bad.squeeze(-1)}
+    converged = not bool(active.any()) and not bool(bad.any())
+    return x, CGInfo(it, float(row_residual.max()), converged, int(bad.sum()), rows)

@@ -1,0 +1,433 @@
+"""Task-batched Algorithm 1: the tasks of a chunk go through every phase of `MRML.task_gradient` at once.
+
+Per chunk of C episodes of equal shapes (stacked along a new leading task dimension):
+- trunk: support and query sets separately, with gradient, batch norm taking its statistics per task
+  (and per image set) exactly as in the per-task form. Trunks built of modules known to act image by
+  image (Conv-4, ResNet-12, MLPs: `task_grouped_copy`) run as one image-major batch of C x N images
+  whose batch norms normalise each (task, channel) separately (`TaskBatchNorm`: what vmap's batch-norm
+  rule computes, without its copies -- the same memory per task as the per-task form, and faster);
+  any other trunk runs under `torch.func.vmap` over tasks of `functional_call(trunk, params, x)`
+  (`config.extra["trunk_batching"] = "vmap"` forces that);
+- inner loop: K steps of `vmap(torch.func.grad(g))` on the detached features, the per-task inner
+  variables stacked along the leading dim (no graph is kept), with the per-task form's divergence
+  guard (a step that increases g is retried at half the step size) decided task by task;
+- right-hand side `vmap(grad(f))`, then conjugate gradient on (C, n) flat vectors, each row solved
+  independently (it stops at tolerance), with Hessian-vector products as in the per-task form:
+  d_y sum_c g_c of a vmapped forward, with graph, built once; each product one backward through it
+  (the Hessian of sum_c g_c is block diagonal: row c gets H_c v_c);
+- the surrogate sum_c f_c(x, y_K) - <d_y g_c(x, y_K), v_c>: a vmapped forward differentiated with
+  ordinary autograd (create_graph for d_y g, as the per-task form does), backpropagated once into the
+  `.grad` of the model parameters.
+
+`MRML.meta_gradient` comes here when `task_chunk` > 1, or when `amp` or `compile` is set (then in
+chunks of `task_chunk`, possibly 1). A model whose batch norm updates running statistics in training
+falls back to the per-task loop with a warning (per-task updates of shared buffers cannot be batched).
+
+The hypergradient and the statistics equal the per-task form's up to rounding. `task_chunk` C trades
+memory for speed: the trunk's activations of C tasks are alive at once. On CPU one big batch is
+usually not faster than tasks one at a time (the per-task loop is the default there); chunking is for
+GPUs, where the per-task loop is bound by kernel launches of tiny inner-loop operations.
+
+`AlgoConfig.amp` autocasts the trunk forward (`mrml.precision`); `AlgoConfig.compile` compiles the
+batched trunk with `torch.compile` (backend `config.extra["compile_backend"]`, default "inductor";
+mode `config.extra["compile_mode"]`), each new input shape checked once with a forward and backward
+pass, and falls back to eager execution with a warning when compilation fails. Shapes are static:
+support and query sets, and a last chunk smaller than `task_chunk`, each compile once (inductor on
+CPU takes minutes; on CUDA it is a one-time cost per shape).
+"""
+from __future__ import annotations
+
+import copy as _copy
+import warnings
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+from ..data.base import Episode
+from ..implicit import conjugate_gradient
+from ..models.split import Params, Stages
+from ..precision import amp_dtype, autocast
+from .base import AlgoConfig, MetaAlgorithm, StepStats, detached, mean_stats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .mrml import MRML
+
+
+# -- stacked parameter helpers -----------------------------------------------------------------
+def bflat(ps: Params) -> torch.Tensor:
+    """dict of (C, *shape) tensors -> (C, n) rows (the per-task `flat`, row by row)."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in ps.values()], dim=1)
+
+
+def bunflat(v: torch.Tensor, like: Params) -> Params:
+    """(C, n) rows -> dict of (C, *shape) tensors shaped as `like` (stacked)."""
+    out, i = {}, 0
+    for k, t in like.items():
+        n = t[0].numel()
+        out[k] = v[:, i : i + n].reshape(t.shape)
+        i += n
+    return out
+
+
+def stack_params(ps: list[Params]) -> Params:
+    return {k: torch.stack([p[k] for p in ps]) for k in ps[0]}
+
+
+# -- conjugate gradient with per-row statistics --------------------------------------------------
+def batched_conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    max_iter: int = 20,
+    tol: float = 1e-10,
+    x0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`mrml.implicit.conjugate_gradient` on (C, n) rows, with its statistics per row: iterations
+    (those in which the row was still active), relative residual ||r||/||b|| and whether the row met
+    non-positive curvature -- what the per-task form reports for each task."""
+    x, info = conjugate_gradient(matvec, b, max_iter, tol, x0)
+    assert info.rows is not None
+    return x, info.rows
+
+
+# -- the inner loop over a chunk ----------------------------------------------------------------
+def batched_gradient_descent(
+    grad_and_value_fn: Callable[[Params], tuple[Params, torch.Tensor]], y: Params, steps: int, lr: float,
+) -> tuple[Params, torch.Tensor]:
+    """`MetaAlgorithm.gradient_descent` for each task of a chunk, the tasks stacked along dim 0.
+
+    The same rule per task: `steps` accepted steps y <- y - lr d_y g; an evaluation at which g went up
+    (or is not finite) by more than 1e-7 relative, with fewer than 40 halvings so far, is taken back
+    and retried from the previous point with half the step size, kept for that task's remaining steps.
+    Decisions are per task (masks, no synchronisation) until `steps` evaluations are done; then, only
+    if some task retried, the loop goes on for those. `grad_and_value_fn(y)` -> (d_y g per task, g per
+    task (C,)). Returns y_K and each task's final step size (float64, (C,)).
+    """
+    y = dict(y)
+    first = next(iter(y.values()))
+    C, device = first.shape[0], first.device
+    lr_t = torch.full((C,), float(lr), dtype=torch.float64, device=device)
+    done = torch.zeros(C, dtype=torch.long, device=device)
+    halvings = torch.zeros(C, dtype=torch.long, device=device)
+    has_prev = torch.zeros(C, dtype=torch.bool, device=device)
+    prev_g = torch.zeros(C, dtype=torch.float64, device=device)
+    prev_y: Params = dict(y)
+    prev_gr: Params = {k: torch.zeros_like(v) for k, v in y.items()}
+
+    def rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return mask.view(-1, *([1] * (like.dim() - 1)))
+
+    evaluations = 0
+    while evaluations < steps or bool((done < steps).any()):
+        gr, g = grad_and_value_fn(y)
+        gv = g.detach().to(torch.float64)  # the per-task form compares Python floats (float64)
+        active = done < steps
+        worse = ~(gv <= prev_g + 1e-7 * prev_g.abs())
+        reject = active & has_prev & worse & (halvings < 40)
+        accept = active & ~reject
+        lr_t = torch.where(reject, 0.5 * lr_t, lr_t)
+        halvings = halvings + reject.long()
+        new_y, new_prev_y, new_prev_gr = {}, {}, {}
+        for k, v in y.items():
+            step = lr_t.to(v.dtype).view(-1, *([1] * (v.dim() - 1)))
+            a, r = rows(accept, v), rows(reject, v)
+            new_y[k] = torch.where(a, v - step * gr[k], torch.where(r, prev_y[k] - step * prev_gr[k], v))
+            new_prev_y[k] = torch.where(a, v, prev_y[k])
+            new_prev_gr[k] = torch.where(a, gr[k], prev_gr[k])
+        y, prev_y, prev_gr = new_y, new_prev_y, new_prev_gr
+        prev_g = torch.where(accept, gv, prev_g)
+        has_prev = has_prev | accept
+        done = done + accept.long()
+        evaluations += 1
+    return y, lr_t
+
+
+# -- the trunk over a chunk of tasks -------------------------------------------------------------
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+class TaskBatchNorm(nn.Module):
+    """Batch norm with statistics per task on an image-major flat batch: row n * C + c is image n of
+    task c, so the (N, C * channels, ...) view is free and F.batch_norm normalises each (task, channel)
+    by its own statistics -- what batch norm does on one task's images. Wraps (shares) `bn`."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, ctx: SimpleNamespace):
+        super().__init__()
+        self.bn = bn
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn, groups = self.bn, self.ctx.groups
+        if groups == 1 or not (bn.training or bn.running_mean is None):  # running statistics: per image
+            return bn(x)
+        if bn.track_running_stats and bn.training:
+            raise RuntimeError("task-batched batch norm cannot update running statistics per task")
+        xv = x.reshape(x.shape[0] // groups, groups * x.shape[1], *x.shape[2:])
+        w = bn.weight.repeat(groups) if bn.weight is not None else None
+        b = bn.bias.repeat(groups) if bn.bias is not None else None
+        return F.batch_norm(xv, None, None, w, b, True, 0.0, bn.eps).reshape(x.shape)
+
+
+def _per_image_modules() -> frozenset[type]:
+    """Module classes whose forward acts on each image alone (batch norm aside), by exact class: a
+    subclass may override forward."""
+    from ..models.resnet import ResBlock
+
+    return frozenset({
+        nn.Sequential, nn.ModuleList, Stages, ResBlock, nn.Identity, nn.Flatten, nn.Unflatten, nn.Linear, nn.Bilinear,
+        nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
+        nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+        nn.Dropout3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+        nn.AdaptiveMaxPool3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    })
+
+
+def task_grouped_copy(trunk: nn.Module) -> tuple[nn.Module, SimpleNamespace] | None:
+    """A copy of `trunk` that shares its parameters and buffers, with each batch norm replaced by a
+    `TaskBatchNorm`; None when the trunk holds a module not known to act image by image (batch norm
+    aside) -- then the trunk is vmapped instead."""
+    allowed = _per_image_modules()
+    if not all(type(m) in allowed for m in trunk.modules()):
+        return None
+    memo = {id(t): t for t in list(trunk.parameters()) + list(trunk.buffers())}
+    copy = _copy.deepcopy(trunk, memo)
+    ctx = SimpleNamespace(groups=1)
+    originals = dict(trunk.named_modules())
+    for name, m in list(copy.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+                full = f"{name}.{child_name}" if name else child_name
+                setattr(m, child_name, TaskBatchNorm(originals[full], ctx))
+    return copy, ctx
+
+
+class BatchedTrunk:
+    """The trunk over (C, N, ...) inputs, with gradient, batch norm per task; optional autocast and
+    torch.compile. Trunks built of modules known to act image by image (Conv-4, ResNet-12, MLPs) run
+    as one image-major flat batch with task-wise batch norm (`TaskBatchNorm`); others under vmap."""
+
+    def __init__(self, trunk: nn.Module, amp: str | None = None, compile: bool = False,
+                 backend: str | Callable = "inductor", mode: str | None = None, grouped: bool = True):
+        self.trunk = trunk
+        self.amp = amp
+        self.requested_compile = compile
+        amp_dtype(amp)  # validate early
+        self.empty = isinstance(trunk, Stages) and len(trunk.parts) == 0  # recompute_features: no trunk
+        made = task_grouped_copy(trunk) if grouped and not self.empty else None
+        self.grouped, self.ctx = made if made is not None else (None, SimpleNamespace(groups=1))
+        self.compiled: Callable | None = None
+        self.checked: set[tuple] = set()
+        if compile and not self.empty:
+            try:
+                self.compiled = torch.compile(self.forward, dynamic=False, backend=backend, mode=mode)
+            except Exception as e:  # e.g. an unsupported platform
+                warnings.warn(f"torch.compile unavailable ({_first_line(e)}); running the trunk eagerly", stacklevel=3)
+
+    def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, self.amp):
+            if self.grouped is not None:
+                C, N = x.shape[:2]
+                flat_x = x.transpose(0, 1).reshape(N * C, *x.shape[2:])  # image-major
+                out = self.grouped(flat_x)
+                return out.reshape(N, C, *out.shape[1:]).transpose(0, 1)
+
+            def one(xc: torch.Tensor) -> torch.Tensor:
+                return functional_call(self.trunk, params, (xc,), strict=False)
+
+            return vmap(one, randomness="different")(x)
+
+    def _sync_modes(self) -> None:
+        if self.grouped is not None:
+            for m, o in zip(self.grouped.modules(), self.trunk.modules()):
+                if not isinstance(m, TaskBatchNorm):
+                    m.training = o.training
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.empty:
+            return x
+        params = dict(self.trunk.named_parameters())
+        self.ctx.groups = x.shape[0]
+        self._sync_modes()
+        if self.compiled is not None:
+            key = (tuple(x.shape), x.dtype, x.device, torch.is_grad_enabled())
+            if key not in self.checked:
+                try:  # compile forward and backward now, so a failure cannot strike mid-step
+                    out = self.compiled(params, x)
+                    needs = [p for p in params.values() if p.requires_grad]
+                    if needs and out.requires_grad:
+                        torch.autograd.grad(out.float().sum(), needs, allow_unused=True)
+                    self.checked.add(key)
+                except Exception as e:  # no C compiler, unsupported op, ...
+                    warnings.warn(f"torch.compile of the trunk failed ({_first_line(e)}); running it eagerly",
+                                  stacklevel=3)
+                    self.compiled = None
+            if self.compiled is not None:
+                return self.compiled(params, x).to(dtype)
+        return self.forward(params, x).to(dtype)
+
+
+# -- Algorithm 1 on a chunk ------------------------------------------------------------------------
+def _has_running_stats(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training
+               for m in model.modules())
+
+
+def _shape_key(ep: Episode) -> tuple:
+    return (tuple(ep.support_x.shape), tuple(ep.query_x.shape), tuple(ep.support_y.shape), tuple(ep.query_y.shape),
+            ep.support_x.dtype, ep.support_y.dtype, ep.support_x.device)
+
+
+def chunks(episodes: list[Episode], size: int) -> list[list[int]]:
+    """Consecutive runs of at most `size` episodes of equal shapes (indices)."""
+    out: list[list[int]] = []
+    for i, ep in enumerate(episodes):
+        if out and len(out[-1]) < size and _shape_key(episodes[out[-1][0]]) == _shape_key(ep):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+class TaskBatched:
+    """Runs `MRML.meta_gradient` chunk by chunk (held by the algorithm; see the module docstring)."""
+
+    def __init__(self, algo: "MRML"):
+        self.algo = algo
+        self.signature = self.settings(algo.config)
+        amp, compile, backend, mode, batching = self.signature
+        self.trunk = BatchedTrunk(algo.split.trunk, amp, compile, backend=backend, mode=mode, grouped=batching != "vmap")
+        self.warned = False
+
+    @staticmethod
+    def settings(cfg: AlgoConfig) -> tuple:
+        """What the runner is built from: amp, compile, compile backend and mode, trunk batching."""
+        return (cfg.amp, cfg.compile, cfg.extra.get("compile_backend", "inductor"), cfg.extra.get("compile_mode"),
+                cfg.extra.get("trunk_batching", "grouped"))
+
+    def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
+                      scale: float | None = None, chunk: int | None = None) -> StepStats:
+        algo = self.algo
+        if _has_running_stats(algo.model):
+            if not self.warned:
+                warnings.warn("the model has batch norm updating running statistics (per-task updates cannot be "
+                              "batched): using the per-task loop", stacklevel=3)
+                self.warned = True
+            return MetaAlgorithm.meta_gradient(algo, episodes, task_ids, scale)
+        algo.zero_grad()
+        scale = 1.0 / len(episodes) if scale is None else scale
+        ids = task_ids if task_ids is not None else [None] * len(episodes)
+        size = max(1, int(chunk if chunk is not None else algo.config.task_chunk))
+        per_task: list[StepStats] = []
+        for idx in chunks(episodes, size):
+            per_task += self.chunk_gradient([episodes[i] for i in idx], [ids[i] for i in idx], scale)
+        return mean_stats(per_task)
+
+    def chunk_gradient(self, eps: list[Episode], ids: list[Any], scale: float) -> list[StepStats]:
+        algo, cfg, split = self.algo, self.algo.config, self.algo.split
+        C = len(eps)
+        sx = torch.stack([ep.support_x for ep in eps])
+        qx = torch.stack([ep.query_x for ep in eps])
+        sy = torch.stack([ep.support_y for ep in eps])
+        qy = torch.stack([ep.query_y for ep in eps])
+        init = split.inner_init()
+        dtype = next(iter(init.values())).dtype
+
+        # trunk once per image set, with gradient, all tasks of the chunk at once
+        fs, fq = self.trunk(sx, dtype), self.trunk(qx, dtype)
+        xa = split.adapt_outer()
+        xa_d, fs_d, fq_d = detached(xa), fs.detach(), fq.detach()
+        centre_d, centre = algo.centre(False), algo.centre(True)
+
+        warm = [algo._warm.get(t) if (cfg.warm_start and t is not None) else None for t in ids]
+        y = stack_params([w[0] if w is not None else detached(init) for w in warm])
+
+        def g_task(yc: Params, fc: torch.Tensor, lc: torch.Tensor) -> torch.Tensor:
+            return algo.inner_loss(xa_d, yc, fc, lc, centre_d)
+
+        def f_task(yc: Params, fc: torch.Tensor, lc: torch.Tensor) -> torch.Tensor:
+            return algo.loss(split.predict({**xa_d, **yc}, fc), lc)
+
+        with torch.no_grad():
+            # K gradient steps (with the per-task form's divergence guard), batched over the chunk
+            step = vmap(grad_and_value(g_task))
+            y, inner_lr = batched_gradient_descent(lambda yc: step(yc, fs_d, sy), y, cfg.inner_steps, cfg.inner_lr)
+            # right-hand side d_y f(x, y_K)
+            rhs = bflat(vmap(grad(f_task))(y, fq_d, qy))
+
+        # v by CG on (C, n) rows. Hessian-vector products as in the per-task form: the graph of
+        # d_y sum_c g_c (block diagonal over tasks) is built once, each product is one backward pass
+        # through it. (Forward over reverse, vmap(jvp(grad(g))), recomputes that graph every product
+        # and hits a ZeroTensor error in the MSE loss's forward-mode derivative in torch 2.13.)
+        yh = detached(y, requires_grad=True)
+        with torch.enable_grad():
+            gsum = vmap(g_task)(yh, fs_d, sy).sum()
+            gy_h = torch.autograd.grad(gsum, list(yh.values()), create_graph=True)
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            hv = torch.autograd.grad(gy_h, list(yh.values()), grad_outputs=list(bunflat(v, yh).values()),
+                                     retain_graph=True)
+            return bflat(dict(zip(yh, hv))).detach()
+
+        v0 = None
+        if any(w is not None for w in warm):
+            v0 = torch.stack([w[1] if w is not None else torch.zeros_like(rhs[0]) for w in warm])
+        v, info = batched_conjugate_gradient(matvec, rhs, cfg.cg_steps, cfg.cg_tol, x0=v0)
+        del gsum, gy_h, yh
+
+        if cfg.warm_start:
+            for c, t in enumerate(ids):
+                if t is not None:
+                    algo._warm[t] = ({k: t_[c].clone() for k, t_ in y.items()}, v[c].clone())
+
+        # surrogate sum_c f_c(x, y_K) - <d_y g_c(x, y_K), v_c>: vmapped forward, ordinary autograd
+        # (the per-task gradients d_y g_c are those of sum_c g_c, as g_c depends on y_c alone), then
+        # one backward through the trunk into `.grad`. (Not torch.func.grad inside vmap here: its
+        # batch-norm backward rule gives a wrong gradient with respect to the input under outer
+        # autograd, pytorch/functorch#534.)
+        yr = detached(y, requires_grad=True)
+
+        def g_outer(yc: Params, fc: torch.Tensor, lc: torch.Tensor) -> torch.Tensor:
+            return algo.inner_loss(xa, yc, fc, lc, centre)
+
+        def f_outer(yc: Params, fc: torch.Tensor, lc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pred = split.predict({**xa, **yc}, fc)
+            return algo.loss(pred, lc), pred
+
+        g = vmap(g_outer)(yr, fs, sy)
+        gy = torch.autograd.grad(g.sum(), list(yr.values()), create_graph=True)
+        mixed = (bflat(dict(zip(yr, gy))) * v).sum(-1)
+        f, pred = vmap(f_outer)(y, fq, qy)
+        (scale * (f - mixed).sum()).backward()
+
+        losses = f.detach().tolist()
+        if algo.loss.kind == "classification":  # TaskLoss.accuracy of each task, in one operation
+            accs: list[float | None] = (pred.detach().argmax(-1) == qy).float().mean(-1).tolist()
+        else:
+            accs = [None] * C
+        its, res, bad = info["iterations"].tolist(), info["residual"].tolist(), info["bad"].tolist()
+        lrs = inner_lr.tolist()
+        return [
+            StepStats(float(losses[c]), accs[c], {
+                "cg_iterations": float(its[c]), "cg_residual": float(res[c]), "nonpositive_curvature": float(bad[c]),
+                "inner_lr": float(lrs[c]),
+            })
+            for c in range(C)
+        ]
+
+
+def batched_meta_gradient(algo: "MRML", episodes: list[Episode], task_ids: list[Any] | None = None,
+                          scale: float | None = None, chunk: int | None = None) -> StepStats:
+    """`MRML.meta_gradient` in chunks of `chunk` (default `config.task_chunk`) tasks; see the module docstring."""
+    runner = getattr(algo, "_task_batched", None)
+    if runner is None or runner.signature != TaskBatched.settings(algo.config):
+        runner = TaskBatched(algo)
+        algo._task_batched = runner  # type: ignore[attr-defined]
+    return runner.meta_gradient(episodes, task_ids, scale, chunk)
