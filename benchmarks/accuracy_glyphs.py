@@ -76,13 +76,22 @@ def main() -> None:
     p.add_argument("--meta-batch", type=int, default=4)
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shots", default="1,5", help="comma-separated shots to run (results of both are tabled)")
+    p.add_argument("--table-only", action="store_true", help="only gather finished runs into the table")
     p.add_argument("--force", action="store_true", help="rerun runs that already finished")
     p.add_argument("--readme", action="store_true", help="also write the table into README.md")
     args = p.parse_args()
     rows = []
+    todo = [int(s) for s in args.shots.split(",")]
     for shots in (1, 5):
         for algo in args.algos.split(","):
-            f = run_one(algo, shots, args)
+            done = HERE / "runs" / f"glyphs-{algo}-5w{shots}s-it{args.iterations}" / "final.json"
+            if shots not in todo or args.table_only:
+                if not done.exists():
+                    continue
+                f = json.loads(done.read_text())
+            else:
+                f = run_one(algo, shots, args)
             rows.append({"algo": algo, "shots": shots, **{k: f.get(k) for k in (
                 "accuracy", "ci95", "episodes", "seconds_per_iteration", "peak_mb", "seconds", "wall_seconds", "command")}})
             print(f"{algo:9s} 5w{shots}s  {100 * f['accuracy']:.2f} ± {100 * f['ci95']:.2f}  "
