@@ -22,6 +22,8 @@ What one configuration measures (`measure`):
 - steps 2 .. repeats+1 are timed without the meter (`time.perf_counter`, with
   `torch.cuda.synchronize` around each step on CUDA): `seconds` is their median.
   Threads: torch's default (all cores) unless `--threads` is given; the record says how many.
+  A record's `wall_s` is the child's own time for the configuration (building, episodes, all steps),
+  without interpreter start-up and imports.
 
 The *floor* (algo "floor") is the least any of them can use: the same images through backbone and
 head with the plain task loss, support and query sets forwarded separately as the algorithms'
@@ -425,7 +427,7 @@ def table(records: list[dict[str, Any]]) -> str:
 
 def title(settings: dict[str, Any]) -> str:
     shape = "x".join(str(d) for d in settings.get("input_shape", []))
-    return (f"{settings.get('device_name') or settings['device']} ({settings['device']}, {settings.get('threads')} threads) - "
+    return (f"{settings.get('device_name') or settings['device']} ({settings['device']}, {settings.get('threads')} thread{'' if settings.get('threads') == 1 else 's'}) - "
             f"{settings['backbone']}-{settings['width']}, {shape} {settings['dataset']} images, {settings['ways']}-way "
             f"{settings['shots']}-shot, {settings['query']} query, meta-batch {settings['meta_batch']}, "
             f"median of {settings['repeats']}, torch {settings.get('torch')}")
