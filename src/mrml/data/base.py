@@ -103,6 +103,15 @@ class FewShotDataset:
     splits: dict[str, ClassImages]
     kind: str = "classification"
     info: dict = field(default_factory=dict)
+    _eligible: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def eligible(self, split: str, need: int) -> np.ndarray:
+        """Classes of `split` with at least `need` images (computed once per split and size)."""
+        key = (split, need)
+        if key not in self._eligible:
+            part = self.splits[split]
+            self._eligible[key] = np.array([c for c in range(part.num_classes) if part.count(c) >= need], dtype=np.int64)
+        return self._eligible[key]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -125,8 +134,7 @@ class FewShotDataset:
                 f"{part.num_classes}: lower --ways"
             )
         need = shots + query
-        small = [c for c in range(part.num_classes) if part.count(c) < need]
-        if len(small) > part.num_classes - ways:
+        if len(self.eligible(split, need)) < ways:
             raise UsageError(
                 f"{shots} shots + {query} query = {need} images per class, but too few classes of the "
                 f"{split} split of {self.name} have that many: lower --shots or --query"
@@ -136,7 +144,7 @@ class FewShotDataset:
         """Draw N classes, then K support and Q query images per class; labels are 0..N-1 in draw order."""
         part = self.splits[split]
         need = shots + query
-        eligible = np.array([c for c in range(part.num_classes) if part.count(c) >= need])
+        eligible = self.eligible(split, need)
         if len(eligible) < ways:
             self.check_episode(split, ways, shots, query)
         classes = rng.choice(eligible, size=ways, replace=False)
