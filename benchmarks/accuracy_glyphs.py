@@ -50,23 +50,34 @@ def run_one(algo: str, shots: int, args: argparse.Namespace) -> dict:
     final = json.loads((out / "final.json").read_text())
     final["wall_seconds"] = round(time.time() - t0, 1)
     final["command"] = " ".join(["mrml", *cmd[3:]])
+    final["code"] = code_version()
     (out / "final.json").write_text(json.dumps(final, indent=2))
     return final
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| algorithm | 5-way 1-shot | 5-way 5-shot | s/iter (1-shot) | peak MiB (1-shot) |",
+    lines = ["| algorithm | 5-way 1-shot | 5-way 5-shot | s/iter (1 / 5-shot) | peak MiB (1 / 5-shot) |",
              "|---|---|---|---|---|"]
     by = {(r["algo"], r["shots"]): r for r in rows}
     for algo in dict.fromkeys(r["algo"] for r in rows):
-        cells = []
-        for shots in (1, 5):
-            r = by.get((algo, shots))
-            cells.append(f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}" if r else "-")
-        r1 = by.get((algo, 1))
-        cells += [f"{r1['seconds_per_iteration']:.3f}" if r1 else "-", f"{r1['peak_mb']:.1f}" if r1 else "-"]
+        rs = [by.get((algo, shots)) for shots in (1, 5)]
+        cells = [f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}" if r else "-" for r in rs]
+        cells.append(" / ".join(f"{r['seconds_per_iteration']:.2f}" if r else "-" for r in rs))
+        cells.append(" / ".join(f"{r['peak_mb']:.1f}" if r else "-" for r in rs))
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def code_version() -> str:
+    """The git commit the runs were made with ("+dirty" when the tree had changes)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main() -> None:
@@ -93,7 +104,7 @@ def main() -> None:
             else:
                 f = run_one(algo, shots, args)
             rows.append({"algo": algo, "shots": shots, **{k: f.get(k) for k in (
-                "accuracy", "ci95", "episodes", "seconds_per_iteration", "peak_mb", "seconds", "wall_seconds", "command")}})
+                "accuracy", "ci95", "episodes", "seconds_per_iteration", "peak_mb", "seconds", "wall_seconds", "command", "code")}})
             print(f"{algo:9s} 5w{shots}s  {100 * f['accuracy']:.2f} ± {100 * f['ci95']:.2f}  "
                   f"{f['seconds_per_iteration']:.3f} s/it  {f['peak_mb']} MiB", flush=True)
     settings = {"dataset": "glyphs", "ways": 5, "query": 15, "iterations": args.iterations,

@@ -179,6 +179,68 @@ def test_metagrad_unrolled_matches_finite_differences(name, recompute):
         assert all(p.grad is None for n, p in model.named_parameters() if n in inner)
 
 
+def guarded_descent(model, params, inner, x, labels, steps, lr, lam):
+    """Reference of the divergence guard: a step after which the support loss rose is taken back and
+    retried at half the step size (kept for the rest); returns (y_K, final step size)."""
+    def value_and_grad(y):
+        y = {n: v.detach().requires_grad_(True) for n, v in y.items()}
+        with torch.enable_grad():
+            g = F.cross_entropy(functional_call(model, {**params, **y}, (x,)), labels)
+            g = g + 0.5 * lam * sum(v.pow(2).sum() for v in y.values())
+            return float(g.detach()), torch.autograd.grad(g, list(y.values()))
+
+    y, prev, done = {n: params[n] for n in inner}, None, 0
+    while done < steps:
+        g, grads = value_and_grad(y)
+        if prev is not None and g > prev[1] * (1 + 1e-12):
+            lr *= 0.5
+            y = {n: v - lr * gn for (n, v), gn in zip(prev[0].items(), prev[2])}
+            continue
+        prev, done = (y, g, grads), done + 1
+        y = {n: (v - lr * gn).detach() for (n, v), gn in zip(y.items(), grads)}
+    return y, lr
+
+
+@pytest.mark.parametrize("name", ["anil", "itd-bio", "maml"])
+def test_metagrad_unrolled_with_divergence_guard_matches_finite_differences(name):
+    """A step size at which plain gradient descent on the support loss diverges: the unrolled loop
+    takes back the steps that raised g, as mrml's inner loop does, and its meta-gradient is that of the
+    guarded trajectory (step-size decisions are constants). With `plain_inner` the loop is plain GD."""
+    model, tasks = relu_net(3), image_tasks(2, seed=3)
+    k, lr = 4, {"maml": 4.0, "anil": 40.0, "itd-bio": 40.0}[name]
+    lam = 0.1 if name == "itd-bio" else 0.0
+    inner = all_names(model) if name == "maml" else head_names(model)
+    outer = all_names(model) if name != "itd-bio" else [n for n in all_names(model) if n not in inner]
+    params = params_of(model)
+
+    def objective(p, keep=None):
+        total = 0.0
+        with torch.no_grad():
+            for ep in tasks:
+                y, step = guarded_descent(model, p, inner, ep.support_x, ep.support_y, k, lr, lam)
+                if keep is not None:
+                    keep.append(step)
+                total += float(F.cross_entropy(functional_call(model, {**p, **y}, (ep.query_x,)), ep.query_y))
+        return total / len(tasks)
+
+    steps: list[float] = []
+    value = objective(params, steps)
+    assert min(steps) < lr, steps  # the guard acted on this problem
+    algo = build_algorithm(name, model, "classification", AlgoConfig(inner_steps=k, inner_lr=lr, l2=lam))
+    stats = algo.meta_gradient(tasks)
+    assert algo.last_inner_lr == steps[-1]
+    assert math.isclose(stats.loss, value, rel_tol=1e-10)
+    fd = fd_gradient(objective, params, outer)
+    assert rel(grads_of(model, outer), fd) < 1e-6, rel(grads_of(model, outer), fd)
+
+    plain = relu_net(3)
+    algo = build_algorithm(name, plain, "classification", AlgoConfig(inner_steps=k, inner_lr=lr, l2=lam, plain_inner=True))
+    stats = algo.meta_gradient(tasks)
+    assert algo.last_inner_lr == lr
+    assert math.isclose(stats.loss, query_objective(plain, params, tasks, inner, k, lr, lam), rel_tol=1e-10)
+    assert not math.isclose(stats.loss, value, rel_tol=1e-3)
+
+
 def test_metagrad_maml_k1_quadratic_closed_form():
     """Inner g = 0.5 y'Ay - b'y (support MSE of a linear model), outer f = 0.5||y - c||^2 (query MSE
     with Q = sqrt(d/2) I): y1 = x - alpha (A x - b), meta-gradient (I - alpha A)(y1 - c)."""

@@ -56,6 +56,7 @@ TRAIN_FLAGS = {
     "warm_start": "keep each task's inner solution and CG vector across iterations (fixed task sets)",
     "recompute_features": "paper-faithful form: re-run the backbone with gradient in every inner step",
     "first_order": "drop second-order terms where the algorithm has them",
+    "plain_inner": "plain inner gradient descent: no divergence guard (the paper's loop; no per-step GPU sync)",
     "augment": "training-set augmentation (image datasets that offer it)",
     "compile": "torch.compile the backbone (falls back to eager with a warning where it cannot)",
     "tensorboard": "also log to TensorBoard in OUT/tensorboard (needs the tensorboard package)",

@@ -31,6 +31,7 @@ class RunConfig:
     cg_steps: int = 20
     cg_tol: float = 1e-10
     warm_start: bool = False
+    plain_inner: bool = False
     recompute_features: bool = False
     first_order: bool = False
     test_steps: int = 20
@@ -119,7 +120,7 @@ class RunConfig:
             inner=self.inner, inner_steps=self.inner_steps, inner_lr=self.inner_lr, l2=self.l2, prox=self.prox,
             cg_steps=self.cg_steps, cg_tol=self.cg_tol, warm_start=self.warm_start,
             recompute_features=self.recompute_features, test_steps=self.test_steps, test_lr=self.test_lr,
-            first_order=self.first_order, task_chunk=self.task_chunk, amp=self.amp, compile=self.compile,
+            first_order=self.first_order, plain_inner=self.plain_inner, task_chunk=self.task_chunk, amp=self.amp, compile=self.compile,
         )
 
     def to_dict(self) -> dict[str, Any]:

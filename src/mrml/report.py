@@ -32,7 +32,7 @@ NO_INNER_STEPS = {"protonet"}
 DISTINGUISHING = [
     ("dataset", ""), ("cg_steps", "N"), ("inner_lr", "alpha"), ("outer_lr", "lr"), ("meta_batch", "B"),
     ("l2", "lam"), ("inner", "inner"), ("backbone", ""), ("width", "width"), ("warm_start", "warm"),
-    ("first_order", "first-order"), ("recompute_features", "recompute"), ("optimizer", ""), ("dtype", ""),
+    ("first_order", "first-order"), ("plain_inner", "plain"), ("recompute_features", "recompute"), ("optimizer", ""), ("dtype", ""),
     ("query", "q"), ("iterations", "T"), ("seed", "seed"),
 ]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ class AlgoConfig:
     test_steps: int = 20
     test_lr: float = 0.05
     first_order: bool = False
+    plain_inner: bool = False  # no divergence guard: plain gradient descent (the paper's loop; no per-step host sync)
     # -- speed (mrml; see mrml.algorithms.batched) ---------------------------------------------
     task_chunk: int = 1  # tasks per batched pass (C); 1: the per-task loop, peak memory of one task
     amp: str | None = None  # "bf16" | "fp16": autocast the trunk forward (CUDA; bf16 also on CPU); CG stays float32
@@ -62,6 +63,16 @@ def mean_stats(per_task: list[StepStats]) -> StepStats:
     keys = {k for s in per_task for k in s.extra}
     extra = {k: sum(s.extra.get(k, 0.0) for s in per_task) / n for k in sorted(keys)}
     return StepStats(sum(s.loss for s in per_task) / n, sum(acc) / len(acc) if acc else None, extra)
+
+
+#: the inner-loop divergence guard halves the step size at most this many times per task
+MAX_HALVINGS = 40
+
+
+def guard_rtol(dtype: torch.dtype) -> float:
+    """Relative rise of the inner loss that counts as "g went up": 64 units of rounding of `dtype`
+    (7.6e-6 in float32, 1.4e-14 in float64), so that rounding noise near a minimum is not divergence."""
+    return 64.0 * torch.finfo(dtype).eps
 
 
 def flat(ts: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -134,27 +145,49 @@ class MetaAlgorithm(abc.ABC):
     def gradient_descent(
         self, xa: Params, y: Params, feats: torch.Tensor, labels: torch.Tensor, steps: int, lr: float, centre: Params | None
     ) -> Params:
-        """K plain gradient steps on g in y; no graph is kept across steps.
+        """K gradient steps on g in y without graph (see `descend` for the divergence guard)."""
 
-        Guard against divergence: a step that increases g is taken back and retried with half the
-        step size (kept for the remaining steps). While g decreases this is plain gradient descent
-        with step `lr`; the step size in use at the end is left in `self.last_inner_lr`.
-        """
-        y = detached(y)
-        prev: tuple[Params, float, tuple[torch.Tensor, ...]] | None = None
-        done = halvings = 0
-        while done < steps:
+        def value_and_grad(y: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
             yr = detached(y, requires_grad=True)
             with torch.enable_grad():
                 g = self.inner_loss(xa, yr, feats, labels, centre)
-                grads = torch.autograd.grad(g, list(yr.values()))
-            gv = float(g.detach())
-            if prev is not None and not gv <= prev[1] + 1e-7 * abs(prev[1]) and halvings < 40:
+                return g.detach(), torch.autograd.grad(g, list(yr.values()))
+
+        return self.descend(value_and_grad, detached(y), steps, lr)
+
+    def descend(
+        self, value_and_grad: Callable[[Params], tuple[torch.Tensor, tuple[torch.Tensor, ...]]], y: Params,
+        steps: int, lr: float,
+    ) -> Params:
+        """`steps` accepted steps y <- y - lr * d_y g, with `value_and_grad(y)` -> (g, d_y g).
+
+        Divergence guard (unless `config.plain_inner`): a step after which g went up (or is not finite)
+        by more than `guard_rtol(dtype)` relative is taken back and retried from the previous point at
+        half the step size, kept for the remaining steps (at most 40 halvings). While g decreases this is
+        plain gradient descent with step `lr`. The rule is the same whether the steps keep a graph (the
+        unrolled baselines) or not (mrml); the step-size decisions are constants to autograd. The step
+        size in use at the end is left in `self.last_inner_lr`.
+        """
+        y = dict(y)
+        if self.config.plain_inner:
+            for _ in range(steps):
+                _, grads = value_and_grad(y)
+                y = {k: v - lr * gk for (k, v), gk in zip(y.items(), grads)}
+            self.last_inner_lr = lr
+            return y
+        prev: tuple[Params, float, tuple[torch.Tensor, ...]] | None = None
+        done = halvings = 0
+        rtol = None
+        while done < steps:
+            g, grads = value_and_grad(y)
+            gv = float(g)
+            rtol = guard_rtol(g.dtype) if rtol is None else rtol
+            if prev is not None and not gv <= prev[1] + rtol * abs(prev[1]) and halvings < MAX_HALVINGS:
                 lr, halvings = 0.5 * lr, halvings + 1  # g went up (or is not finite): retry the step
-                y = {k: (v - lr * gk).detach() for (k, v), gk in zip(prev[0].items(), prev[2])}
+                y = {k: v - lr * gk for (k, v), gk in zip(prev[0].items(), prev[2])}
                 continue
             prev = (y, gv, grads)
-            y = {k: (v - lr * gk).detach() for (k, v), gk in zip(y.items(), grads)}
+            y = {k: v - lr * gk for (k, v), gk in zip(y.items(), grads)}
             done += 1
         self.last_inner_lr = lr
         return y

@@ -51,7 +51,7 @@ from ..data.base import Episode
 from ..implicit import conjugate_gradient
 from ..models.split import Params, Stages
 from ..precision import amp_dtype, autocast
-from .base import AlgoConfig, MetaAlgorithm, StepStats, detached, mean_stats
+from .base import MAX_HALVINGS, AlgoConfig, MetaAlgorithm, StepStats, detached, guard_rtol, mean_stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from .mrml import MRML
@@ -96,15 +96,17 @@ def batched_conjugate_gradient(
 # -- the inner loop over a chunk ----------------------------------------------------------------
 def batched_gradient_descent(
     grad_and_value_fn: Callable[[Params], tuple[Params, torch.Tensor]], y: Params, steps: int, lr: float,
+    guard: bool = True,
 ) -> tuple[Params, torch.Tensor]:
     """`MetaAlgorithm.gradient_descent` for each task of a chunk, the tasks stacked along dim 0.
 
     The same rule per task: `steps` accepted steps y <- y - lr d_y g; an evaluation at which g went up
-    (or is not finite) by more than 1e-7 relative, with fewer than 40 halvings so far, is taken back
+    (or is not finite) by more than `guard_rtol` relative, with fewer than `MAX_HALVINGS` so far, is taken back
     and retried from the previous point with half the step size, kept for that task's remaining steps.
     Decisions are per task (masks, no synchronisation) until `steps` evaluations are done; then, only
     if some task retried, the loop goes on for those. `grad_and_value_fn(y)` -> (d_y g per task, g per
-    task (C,)). Returns y_K and each task's final step size (float64, (C,)).
+    task (C,)). Returns y_K and each task's final step size (float64, (C,)). `guard=False`: plain
+    gradient descent (`config.plain_inner`).
     """
     y = dict(y)
     first = next(iter(y.values()))
@@ -120,13 +122,19 @@ def batched_gradient_descent(
     def rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return mask.view(-1, *([1] * (like.dim() - 1)))
 
+    if not guard:
+        for _ in range(steps):
+            gr, _ = grad_and_value_fn(y)
+            y = {k: v - lr * gr[k] for k, v in y.items()}
+        return y, lr_t
+    rtol = guard_rtol(first.dtype)
     evaluations = 0
     while evaluations < steps or bool((done < steps).any()):
         gr, g = grad_and_value_fn(y)
         gv = g.detach().to(torch.float64)  # the per-task form compares Python floats (float64)
         active = done < steps
-        worse = ~(gv <= prev_g + 1e-7 * prev_g.abs())
-        reject = active & has_prev & worse & (halvings < 40)
+        worse = ~(gv <= prev_g + rtol * prev_g.abs())
+        reject = active & has_prev & worse & (halvings < MAX_HALVINGS)
         accept = active & ~reject
         lr_t = torch.where(reject, 0.5 * lr_t, lr_t)
         halvings = halvings + reject.long()
@@ -358,7 +366,9 @@ class TaskBatched:
         with torch.no_grad():
             # K gradient steps (with the per-task form's divergence guard), batched over the chunk
             step = vmap(grad_and_value(g_task))
-            y, inner_lr = batched_gradient_descent(lambda yc: step(yc, fs_d, sy), y, cfg.inner_steps, cfg.inner_lr)
+            y, inner_lr = batched_gradient_descent(
+                lambda yc: step(yc, fs_d, sy), y, cfg.inner_steps, cfg.inner_lr, guard=not cfg.plain_inner
+            )
             # right-hand side d_y f(x, y_K)
             rhs = bflat(vmap(grad(f_task))(y, fq_d, qy))
 

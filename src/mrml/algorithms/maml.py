@@ -45,23 +45,23 @@ class Unrolled(MetaAlgorithm):
 
     def unroll(self, xa: Params, y0: Params, fs: torch.Tensor, ys: torch.Tensor, steps: int, lr: float,
                centre: Params | None) -> Params:
-        """K steps y <- y - lr d_y g(x, y); the graph through them is kept unless first order."""
-        y = dict(y0)
+        """K steps y <- y - lr d_y g(x, y) (with the divergence guard of `MetaAlgorithm.descend`); the
+        graph through the accepted steps is kept unless first order."""
         first = self.first_order
         if first:  # inner gradients are constants: evaluate them on detached inputs
             xa_d, fs_d = detached(xa), fs.detach()
             c_d = detached(centre) if centre is not None else None
-        for _ in range(steps):
+
+        def value_and_grad(y: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
             if first:
                 yd = detached(y, requires_grad=True)
                 with torch.enable_grad():
                     g = self.inner_loss(xa_d, yd, fs_d, ys, c_d)
-                    grads = torch.autograd.grad(g, list(yd.values()))
-            else:
-                g = self.inner_loss(xa, y, fs, ys, centre)
-                grads = torch.autograd.grad(g, list(y.values()), create_graph=True)
-            y = {k: v - lr * gk for (k, v), gk in zip(y.items(), grads)}
-        return y
+                    return g.detach(), torch.autograd.grad(g, list(yd.values()))
+            g = self.inner_loss(xa, y, fs, ys, centre)
+            return g.detach(), torch.autograd.grad(g, list(y.values()), create_graph=True)
+
+        return self.descend(value_and_grad, y0, steps, lr)
 
     def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
         cfg, split = self.config, self.split
