@@ -94,7 +94,7 @@ class Runner:
             self.tasks = min(len(eps), s.faithful_tasks)
         torch.manual_seed(0)
         model = build_model("conv4", tuple(s.shape), s.ways, s.width).to(s.device)
-        cfg = AlgoConfig(inner_steps=steps, cg_steps=s.cg_steps, **conf["config"])
+        cfg = AlgoConfig(inner_steps=steps, cg_steps=s.cg_steps, plain_inner=s.plain_inner, **conf["config"])
         self.algo = ALGORITHMS[conf["algo"]](model, "classification", cfg)
         self.opt = torch.optim.Adam(self.algo.outer_parameters(), lr=1e-3)
         t0 = time.perf_counter()
@@ -291,6 +291,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "one after another); default 8 on CPU, all on CUDA; 0: all")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--cg-steps", type=int, default=20)
+    p.add_argument("--plain-inner", action="store_true",
+                   help="every configuration without the inner-loop divergence guard (plain gradient descent)")
     s = p.parse_args(argv)
     s.ways, s.shots, s.query, s.shape = 5, 5, 5, [3, 32, 32]
     s.steps = [int(x) for x in (s.steps or ("5,10" if s.quick else "20,50")).split(",")]
@@ -330,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "settings": {"steps": s.steps, "chunks": s.chunks, "meta_batch": s.meta_batch, "ways": s.ways, "shots": s.shots,
                      "query": s.query, "shape": s.shape, "width": s.width, "cg_steps": s.cg_steps,
+                     "plain_inner": s.plain_inner,
                      "repeats": s.repeats, "pair_repeats": s.pair_repeats, "faithful_tasks": s.faithful_tasks,
                      "threads": s.threads, "quick": s.quick, "backbone": "conv4",
                      "optimizer": "Adam step included in each meta-iteration",
