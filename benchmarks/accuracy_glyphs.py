@@ -30,10 +30,39 @@ SETTINGS: dict[str, list[str]] = {
     "reptile": ["--inner-steps", "5", "--inner-lr", "0.1"],
     "protonet": [],
 }
+# The inner regulariser swept for the two head-only, l2-regularised methods (the rows "ALGO@l2=V"):
+# implicit differentiation assumes the inner problem solved, which a larger l2 makes true in K steps.
+SWEEP = ["mrml@l2=0.1", "mrml@l2=1", "itd-bio@l2=0.1", "itd-bio@l2=1"]
 
 
-def run_one(algo: str, shots: int, args: argparse.Namespace) -> dict:
-    out = HERE / "runs" / f"glyphs-{algo}-5w{shots}s-it{args.iterations}"
+def settings_of(name: str) -> tuple[str, list[str]]:
+    """"ALGO" or "ALGO@key=value+key=value": the algorithm and its `mrml train` options."""
+    algo, _, rest = name.partition("@")
+    extra = []
+    for kv in filter(None, rest.split("+")):
+        k, v = kv.split("=", 1)
+        extra += ["--" + k.replace("_", "-"), v]
+    return algo, SETTINGS[algo] + extra
+
+
+def run_dir(name: str, shots: int, iterations: int, seed: int = 0) -> Path:
+    slug = name.replace("@", "-").replace("=", "_").replace("+", "-")
+    return HERE / "runs" / f"glyphs-{slug}-5w{shots}s-it{iterations}{f'-seed{seed}' if seed else ''}"
+
+
+def validation_accuracy(out: Path) -> float | None:
+    """The last validation accuracy in the run's metrics.jsonl (None if it has none)."""
+    last = None
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("split") == "validation":
+            last = rec["accuracy"]
+    return last
+
+
+def run_one(name: str, shots: int, args: argparse.Namespace) -> dict:
+    out = run_dir(name, shots, args.iterations, args.seed)
+    algo, options = settings_of(name)
     if (out / "final.json").exists() and not args.force:
         return json.loads((out / "final.json").read_text())
     if out.exists():
@@ -44,24 +73,25 @@ def run_one(algo: str, shots: int, args: argparse.Namespace) -> dict:
            "--shots", str(shots), "--query", "15", "--meta-batch", str(args.meta_batch),
            "--iterations", str(args.iterations), "--val-every", str(args.iterations), "--val-episodes", "100",
            "--test-episodes", str(args.episodes), "--seed", str(args.seed), "--no-progress", "--out", str(out),
-           *SETTINGS[algo]]
-    t0 = time.time()
+           *options]
+    t0, code = time.time(), code_version()
     subprocess.run(cmd, check=True, cwd=ROOT)
     final = json.loads((out / "final.json").read_text())
     final["wall_seconds"] = round(time.time() - t0, 1)
     final["command"] = " ".join(["mrml", *cmd[3:]])
-    final["code"] = code_version()
+    final["code"] = code
     (out / "final.json").write_text(json.dumps(final, indent=2))
     return final
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| algorithm | 5-way 1-shot | 5-way 5-shot | s/iter (1 / 5-shot) | peak MiB (1 / 5-shot) |",
-             "|---|---|---|---|---|"]
+    lines = ["| algorithm | 5-way 1-shot | 5-way 5-shot | validation (1 / 5-shot) | s/iter (1 / 5-shot) "
+             "| peak MiB (1 / 5-shot) |", "|---|---|---|---|---|---|"]
     by = {(r["algo"], r["shots"]): r for r in rows}
     for algo in dict.fromkeys(r["algo"] for r in rows):
         rs = [by.get((algo, shots)) for shots in (1, 5)]
         cells = [f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}" if r else "-" for r in rs]
+        cells.append(" / ".join(f"{100 * r['validation']:.1f}" if r and r.get("validation") else "-" for r in rs))
         cells.append(" / ".join(f"{r['seconds_per_iteration']:.2f}" if r else "-" for r in rs))
         cells.append(" / ".join(f"{r['peak_mb']:.1f}" if r else "-" for r in rs))
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
@@ -82,7 +112,8 @@ def code_version() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--algos", default=",".join(SETTINGS))
+    p.add_argument("--algos", default=",".join([*SETTINGS, *SWEEP]),
+                   help="comma-separated ALGO or ALGO@option=value+option=value entries (default: every algorithm and the l2 sweep)")
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--meta-batch", type=int, default=4)
     p.add_argument("--episodes", type=int, default=600)
@@ -96,27 +127,29 @@ def main() -> None:
     todo = [int(s) for s in args.shots.split(",")]
     for shots in (1, 5):
         for algo in args.algos.split(","):
-            done = HERE / "runs" / f"glyphs-{algo}-5w{shots}s-it{args.iterations}" / "final.json"
+            done = run_dir(algo, shots, args.iterations, args.seed) / "final.json"
             if shots not in todo or args.table_only:
                 if not done.exists():
                     continue
                 f = json.loads(done.read_text())
             else:
                 f = run_one(algo, shots, args)
-            rows.append({"algo": algo, "shots": shots, **{k: f.get(k) for k in (
+            f["validation"] = validation_accuracy(done.parent)
+            rows.append({"algo": algo, "shots": shots, **{k: f.get(k) for k in ("validation",
                 "accuracy", "ci95", "episodes", "seconds_per_iteration", "peak_mb", "seconds", "wall_seconds", "command", "code")}})
             print(f"{algo:9s} 5w{shots}s  {100 * f['accuracy']:.2f} ± {100 * f['ci95']:.2f}  "
                   f"{f['seconds_per_iteration']:.3f} s/it  {f['peak_mb']} MiB", flush=True)
     settings = {"dataset": "glyphs", "ways": 5, "query": 15, "iterations": args.iterations,
                 "meta_batch": args.meta_batch, "test_episodes": args.episodes, "seed": args.seed,
-                "per_algorithm": SETTINGS}
+                "per_algorithm": SETTINGS, "sweep": SWEEP}
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / "accuracy_glyphs.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    stem = "accuracy_glyphs" + (f"_seed{args.seed}" if args.seed else "")
+    (results / f"{stem}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     table = markdown(rows)
-    (results / "accuracy_glyphs.md").write_text(table + "\n")
+    (results / f"{stem}.md").write_text(table + "\n")
     print(table)
-    if args.readme:
+    if args.readme and args.seed == 0:
         readme = ROOT / "README.md"
         text = readme.read_text()
         start, end = "<!-- accuracy-table -->", "<!-- /accuracy-table -->"

@@ -73,7 +73,8 @@ class Unrolled(MetaAlgorithm):
         pred = split.predict({**xa, **y}, fq)
         f = self.loss(pred, ep.query_y)
         (scale * f).backward()
-        return StepStats(float(f.detach()), self.loss.accuracy(pred.detach(), ep.query_y))
+        return StepStats(float(f.detach()), self.loss.accuracy(pred.detach(), ep.query_y),
+                         {"inner_lr": self.last_inner_lr})
 
     def test_schedule(self) -> tuple[int, float]:
         if self.config.extra.get("test_adaptation", "train") == "test":
