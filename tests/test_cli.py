@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def test_eval_json_reproducible(tmp_path, capsys):
     assert first == second
     assert main(["eval", str(out), "--episodes", "7", "--json", "--seed", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 3
+    # test-time adaptation overridden: recorded, and it changes the predictions (0 steps: the zero head)
+    assert main(["eval", str(out), "--episodes", "7", "--json", "--test-steps", "0"]) == 0
+    zero = json.loads(capsys.readouterr().out)
+    assert zero["test_steps"] == 0 and first["test_steps"] == 20 and zero["loss"] != first["loss"]
+    assert zero["loss"] == pytest.approx(math.log(3))  # uniform predictions over the 3 ways of FAST
+    assert_one_line_error(capsys, main(["eval", str(out), "--test-lr", "0"]), "--test-lr must be > 0")
 
 
 def assert_one_line_error(capsys, code: int, needle: str) -> None:

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--data-root", default=None, help="dataset folder, if it moved since training")
     p.add_argument("--device", default=None)
+    p.add_argument("--test-steps", type=int, default=None, help="test-time adaptation steps (default: the run's)")
+    p.add_argument("--test-lr", type=float, default=None, help="test-time adaptation step size (default: the run's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("data", help="inspect datasets on disk")
@@ -139,10 +141,19 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         cfg.data_root = ns.data_root
     if ns.device:
         cfg.device = ns.device
+    if ns.test_steps is not None:
+        if ns.test_steps < 0:
+            raise UsageError(f"--test-steps must be >= 0 (got {ns.test_steps})")
+        cfg.test_steps = ns.test_steps
+    if ns.test_lr is not None:
+        if not ns.test_lr > 0:
+            raise UsageError(f"--test-lr must be > 0 (got {ns.test_lr})")
+        cfg.test_lr = ns.test_lr
     run = build_run(cfg)
     run.model.load_state_dict(state["model"])
     result = run.test(ns.split, ns.episodes, ns.seed, progress=not ns.json)
-    result.update(run_dir=str(ns.run_dir), iteration=state["iteration"], algo=cfg.algo, dataset=cfg.dataset)
+    result.update(run_dir=str(ns.run_dir), iteration=state["iteration"], algo=cfg.algo, dataset=cfg.dataset,
+                  test_steps=cfg.test_steps, test_lr=cfg.test_lr)
     if ns.json:
         print(json.dumps(result))
     elif result["accuracy"] is not None:
