@@ -88,6 +88,8 @@ def assert_one_line_error(capsys, code: int, needle: str) -> None:
     (["--preset", "nope"], "unknown preset"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "bogus"], "device"),
     (["--inner", "nothing.here"], "names no parameter"),
+    (["--test-lr", "0"], "--test-lr must be > 0"),
+    (["--test-steps", "-1"], "--test-steps must be >= 0"),
 ])
 def test_bad_settings_one_line(tmp_path, capsys, args, needle):
     code = main(["train", *FAST, "--out", str(tmp_path / "r"), "--iterations", "1", *args])

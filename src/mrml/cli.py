@@ -142,13 +142,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if ns.device:
         cfg.device = ns.device
     if ns.test_steps is not None:
-        if ns.test_steps < 0:
-            raise UsageError(f"--test-steps must be >= 0 (got {ns.test_steps})")
         cfg.test_steps = ns.test_steps
     if ns.test_lr is not None:
-        if not ns.test_lr > 0:
-            raise UsageError(f"--test-lr must be > 0 (got {ns.test_lr})")
         cfg.test_lr = ns.test_lr
+    cfg.validate()
     run = build_run(cfg)
     run.model.load_state_dict(state["model"])
     result = run.test(ns.split, ns.episodes, ns.seed, progress=not ns.json)

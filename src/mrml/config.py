@@ -87,6 +87,8 @@ class RunConfig:
             (self.inner_steps >= 0, f"--inner-steps must be >= 0 (got {self.inner_steps})"),
             (self.cg_steps >= 0, f"--cg-steps must be >= 0 (got {self.cg_steps})"),
             (self.inner_lr > 0, f"--inner-lr must be > 0 (got {self.inner_lr})"),
+            (self.test_steps >= 0, f"--test-steps must be >= 0 (got {self.test_steps})"),
+            (self.test_lr > 0, f"--test-lr must be > 0 (got {self.test_lr})"),
             (self.outer_lr > 0, f"--outer-lr must be > 0 (got {self.outer_lr})"),
             (self.l2 is None or self.l2 >= 0, f"--l2 must be >= 0 (got {self.l2})"),
             (self.test_episodes >= 1, f"--test-episodes must be >= 1 (got {self.test_episodes})"),

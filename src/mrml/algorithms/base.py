@@ -162,9 +162,9 @@ class MetaAlgorithm(abc.ABC):
         """`steps` accepted steps y <- y - lr * d_y g, with `value_and_grad(y)` -> (g, d_y g).
 
         Divergence guard (unless `config.plain_inner`): a step after which g went up (or is not finite)
-        by more than `guard_rtol(dtype)` relative is taken back and retried from the previous point at
-        half the step size, kept for the remaining steps (at most 40 halvings). While g decreases this is
-        plain gradient descent with step `lr`. The rule is the same whether the steps keep a graph (the
+        by more than `guard_rtol` of the parameters' dtype, relative, is taken back and retried from the
+        previous point at half the step size, kept for the remaining steps (at most `MAX_HALVINGS`).
+        While g decreases this is plain gradient descent with step `lr`. The rule is the same whether the steps keep a graph (the
         unrolled baselines) or not (mrml); the step-size decisions are constants to autograd. The step
         size in use at the end is left in `self.last_inner_lr`.
         """
@@ -175,13 +175,12 @@ class MetaAlgorithm(abc.ABC):
                 y = {k: v - lr * gk for (k, v), gk in zip(y.items(), grads)}
             self.last_inner_lr = lr
             return y
+        rtol = guard_rtol(next(iter(y.values())).dtype)
         prev: tuple[Params, float, tuple[torch.Tensor, ...]] | None = None
         done = halvings = 0
-        rtol = None
         while done < steps:
             g, grads = value_and_grad(y)
             gv = float(g)
-            rtol = guard_rtol(g.dtype) if rtol is None else rtol
             if prev is not None and not gv <= prev[1] + rtol * abs(prev[1]) and halvings < MAX_HALVINGS:
                 lr, halvings = 0.5 * lr, halvings + 1  # g went up (or is not finite): retry the step
                 y = {k: v - lr * gk for (k, v), gk in zip(prev[0].items(), prev[2])}
