@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mrml.algorithms import MRML, AlgoConfig
-from mrml.algorithms.batched import TaskBatched, batched_conjugate_gradient, batched_meta_gradient, chunks
+from mrml.algorithms.batched import TaskBatched, batched_meta_gradient, chunks
 from mrml.data.base import Episode, episode_rng
 from mrml.implicit import conjugate_gradient
 from mrml.models import BACKBONES, build_model, split_model
@@ -220,7 +220,8 @@ def test_batched_cg_rows_match_the_single_solver():
     A = torch.stack(mats)
     b = torch.randn(rows, n, generator=g, dtype=torch.float64)
     b[3] = 0.0  # a zero right-hand side: inactive from the start
-    x, info = batched_conjugate_gradient(lambda p: torch.einsum("cij,cj->ci", A, p), b, 60, tol)
+    x, info = conjugate_gradient(lambda p: torch.einsum("cij,cj->ci", A, p), b, 60, tol)
+    info = info.rows
     for r in range(rows):
         xr, ir = conjugate_gradient(lambda p: A[r] @ p, b[r], 60, tol)
         assert torch.allclose(x[r], xr, rtol=1e-9, atol=1e-12)  # the same recurrence, up to rounding
@@ -230,8 +231,8 @@ def test_batched_cg_rows_match_the_single_solver():
     assert int(info["iterations"][3]) == 0 and 3 < int(info["iterations"][0]) < n
     # an indefinite row stops at non-positive curvature and is reported
     A[1] = -A[1]
-    _, info = batched_conjugate_gradient(lambda p: torch.einsum("cij,cj->ci", A, p), b, 60, tol)
-    assert info["bad"].tolist() == [False, True, False, False]
+    _, info = conjugate_gradient(lambda p: torch.einsum("cij,cj->ci", A, p), b, 60, tol)
+    assert info.rows["bad"].tolist() == [False, True, False, False]
 
 
 # -- ResNet-12 -----------------------------------------------------------------------------------

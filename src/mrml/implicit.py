@@ -21,7 +21,7 @@ class CGInfo:
     residual: float
     converged: bool
     nonpositive_curvature: int
-    rows: dict[str, torch.Tensor] | None = None  # per batch row: iterations, residual, bad (curvature)
+    rows: dict[str, torch.Tensor]  # per batch row: iterations, residual, bad (curvature)
 
 
 def conjugate_gradient(

@@ -77,22 +77,6 @@ def stack_params(ps: list[Params]) -> Params:
     return {k: torch.stack([p[k] for p in ps]) for k in ps[0]}
 
 
-# -- conjugate gradient with per-row statistics --------------------------------------------------
-def batched_conjugate_gradient(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
-    b: torch.Tensor,
-    max_iter: int = 20,
-    tol: float = 1e-10,
-    x0: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`mrml.implicit.conjugate_gradient` on (C, n) rows, with its statistics per row: iterations
-    (those in which the row was still active), relative residual ||r||/||b|| and whether the row met
-    non-positive curvature -- what the per-task form reports for each task."""
-    x, info = conjugate_gradient(matvec, b, max_iter, tol, x0)
-    assert info.rows is not None
-    return x, info.rows
-
-
 # -- the inner loop over a chunk ----------------------------------------------------------------
 def batched_gradient_descent(
     grad_and_value_fn: Callable[[Params], tuple[Params, torch.Tensor]], y: Params, steps: int, lr: float,
@@ -140,7 +124,7 @@ def batched_gradient_descent(
         halvings = halvings + reject.long()
         new_y, new_prev_y, new_prev_gr = {}, {}, {}
         for k, v in y.items():
-            step = lr_t.to(v.dtype).view(-1, *([1] * (v.dim() - 1)))
+            step = rows(lr_t, v).to(v.dtype)
             a, r = rows(accept, v), rows(reject, v)
             new_y[k] = torch.where(a, v - step * gr[k], torch.where(r, prev_y[k] - step * prev_gr[k], v))
             new_prev_y[k] = torch.where(a, v, prev_y[k])
@@ -389,7 +373,8 @@ class TaskBatched:
         v0 = None
         if any(w is not None for w in warm):
             v0 = torch.stack([w[1] if w is not None else torch.zeros_like(rhs[0]) for w in warm])
-        v, info = batched_conjugate_gradient(matvec, rhs, cfg.cg_steps, cfg.cg_tol, x0=v0)
+        v, cg = conjugate_gradient(matvec, rhs, cfg.cg_steps, cfg.cg_tol, x0=v0)
+        info = cg.rows  # per task: iterations, residual, bad (non-positive curvature)
         del gsum, gy_h, yh
 
         if cfg.warm_start:
@@ -418,10 +403,8 @@ class TaskBatched:
         (scale * (f - mixed).sum()).backward()
 
         losses = f.detach().tolist()
-        if algo.loss.kind == "classification":  # TaskLoss.accuracy of each task, in one operation
-            accs: list[float | None] = (pred.detach().argmax(-1) == qy).float().mean(-1).tolist()
-        else:
-            accs = [None] * C
+        task_accs = algo.loss.accuracies(pred.detach(), qy)
+        accs: list[float | None] = task_accs.tolist() if task_accs is not None else [None] * C
         its, res, bad = info["iterations"].tolist(), info["residual"].tolist(), info["bad"].tolist()
         lrs = inner_lr.tolist()
         return [

@@ -17,6 +17,12 @@ class TaskLoss:
         return F.mse_loss(pred.reshape(target.shape), target)
 
     def accuracy(self, pred: torch.Tensor, target: torch.Tensor) -> float | None:
+        acc = self.accuracies(pred, target)
+        return None if acc is None else float(acc)
+
+    def accuracies(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+        """Fraction correct over the last batch dimension (one value per task when tasks are stacked
+        in front); None for regression."""
         if self.kind != "classification":
             return None
-        return float((pred.argmax(-1) == target).float().mean())
+        return (pred.argmax(-1) == target).float().mean(-1)
