@@ -90,6 +90,7 @@ def assert_one_line_error(capsys, code: int, needle: str) -> None:
     (["--inner", "nothing.here"], "names no parameter"),
     (["--test-lr", "0"], "--test-lr must be > 0"),
     (["--test-steps", "-1"], "--test-steps must be >= 0"),
+    (["--algo", "anil", "--task-chunk", "2"], "apply to mrml and imaml, not anil"),
 ])
 def test_bad_settings_one_line(tmp_path, capsys, args, needle):
     code = main(["train", *FAST, "--out", str(tmp_path / "r"), "--iterations", "1", *args])

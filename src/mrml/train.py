@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import distributed
-from .algorithms import MRML, MetaAlgorithm, build_algorithm
+from .algorithms import MetaAlgorithm, build_algorithm
 from .checkpoint import atomic_json, atomic_write, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data.base import episode_rng
@@ -83,8 +83,6 @@ def build_run(cfg: RunConfig, local_rank: int = 0) -> Run:
     backbone = cfg.backbone if source.kind == "classification" or cfg.backbone != "conv4" else "mlp"
     model = build_model(backbone, source.input_shape, source.num_outputs(cfg.ways), cfg.width).to(device, dtype)
     algo = build_algorithm(cfg.algo, model, source.kind, cfg.algo_config())
-    if (cfg.task_chunk > 1 or cfg.amp or cfg.compile) and not isinstance(algo, MRML):
-        raise UsageError(f"--task-chunk, --amp and --compile apply to mrml and imaml, not {cfg.algo}: drop them")
     params = algo.outer_parameters()
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.outer_lr)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data.base import Episode
+from ..errors import UsageError
 from ..models.split import ModelSplit, Params, split_model
 from .losses import TaskLoss
 
@@ -43,6 +44,11 @@ class AlgoConfig:
     compile: bool = False  # torch.compile the (task-batched) trunk; falls back to eager with a warning
     # ------------------------------------------------------------------------------------------
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batched(self) -> bool:
+        """Whether the settings ask for the task-batched path (chunks, mixed precision or compile)."""
+        return self.task_chunk > 1 or bool(self.amp) or self.compile
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,11 +106,15 @@ class MetaAlgorithm(abc.ABC):
     #: the inner part and inner-loss strength lambda when the config leaves them unset
     default_inner = "head"
     default_l2 = 1e-2
+    #: whether `config.batched` (task_chunk > 1, amp, compile) has a path here (mrml and imaml)
+    has_batched_path = False
 
     def __init__(self, model: nn.Module, loss: TaskLoss | str = "classification", config: AlgoConfig | None = None):
         self.model = model
         self.loss = loss if isinstance(loss, TaskLoss) else TaskLoss(loss)
         self.config = replace(config or AlgoConfig())
+        if self.config.batched and not self.has_batched_path:
+            raise UsageError(f"--task-chunk, --amp and --compile apply to mrml and imaml, not {self.name}: drop them")
         if self.config.inner is None:
             self.config.inner = self.default_inner
         if self.config.l2 is None:

@@ -23,6 +23,7 @@ from .base import MetaAlgorithm, StepStats, detached, flat, unflat
 
 class MRML(MetaAlgorithm):
     name = "mrml"
+    has_batched_path = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -31,8 +32,7 @@ class MRML(MetaAlgorithm):
     # -- task-batched path (mrml.algorithms.batched): chunks of `task_chunk` tasks, amp, compile --
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
                       scale: float | None = None) -> StepStats:
-        cfg = self.config
-        if cfg.task_chunk > 1 or cfg.amp or cfg.compile:
+        if self.config.batched:
             from .batched import batched_meta_gradient
 
             return batched_meta_gradient(self, episodes, task_ids, scale)
