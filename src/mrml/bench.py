@@ -537,17 +537,9 @@ def validate(s: BenchSettings, jobs: list[tuple[str, str, int | None]]) -> dict[
     import torch
 
     from .train import pick_device
+    from .validation import BENCH_RANGES, check_all
 
-    for name, value, low in (("ways", s.ways, 1), ("shots", s.shots, 1), ("query", s.query, 1),
-                             ("meta-batch", s.meta_batch, 1), ("repeats", s.repeats, 1), ("cg-steps", s.cg_steps, 0),
-                             ("channels", s.channels, 1)):
-        if value < low:
-            raise UsageError(f"--{name} must be >= {low} (got {value})")
-    for name, value in (("width", s.width), ("image-size", s.image_size), ("threads", s.threads)):
-        if value is not None and value < 1:
-            raise UsageError(f"--{name} must be >= 1 (got {value})")
-    if not s.timeout > 0:
-        raise UsageError(f"--timeout must be > 0 seconds (got {s.timeout:g})")
+    check_all(s, BENCH_RANGES)
     dev = pick_device(s.device)
     s.device = str(dev)
     if s.data_root is not None and s.dataset == SYNTHETIC:

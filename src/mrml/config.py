@@ -7,6 +7,7 @@ from typing import Any
 from .algorithms.base import AlgoConfig
 from .errors import UsageError
 from .presets import preset_settings
+from .validation import RUN_RANGES, check_all, check_types
 
 
 @dataclass
@@ -78,27 +79,13 @@ class RunConfig:
         return cfg
 
     def validate(self) -> None:
+        """One-line UsageError for the first setting out of its range (table: validation.RUN_RANGES)."""
+        check_types(self)
+        check_all(self, RUN_RANGES)
         checks = [
-            (self.ways >= 1, f"--ways must be >= 1 (got {self.ways})"),
-            (self.shots >= 1, f"--shots must be >= 1 (got {self.shots})"),
-            (self.query >= 1, f"--query must be >= 1 (got {self.query})"),
-            (self.meta_batch >= 1, f"--meta-batch must be >= 1 (got {self.meta_batch})"),
-            (self.iterations >= 0, f"--iterations must be >= 0 (got {self.iterations})"),
-            (self.inner_steps >= 0, f"--inner-steps must be >= 0 (got {self.inner_steps})"),
-            (self.cg_steps >= 0, f"--cg-steps must be >= 0 (got {self.cg_steps})"),
-            (self.inner_lr > 0, f"--inner-lr must be > 0 (got {self.inner_lr})"),
-            (self.test_steps >= 0, f"--test-steps must be >= 0 (got {self.test_steps})"),
-            (self.test_lr > 0, f"--test-lr must be > 0 (got {self.test_lr})"),
-            (self.outer_lr > 0, f"--outer-lr must be > 0 (got {self.outer_lr})"),
-            (self.l2 is None or self.l2 >= 0, f"--l2 must be >= 0 (got {self.l2})"),
-            (self.test_episodes >= 1, f"--test-episodes must be >= 1 (got {self.test_episodes})"),
             (self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd (got {self.optimizer!r})"),
-            (self.task_chunk >= 1, f"--task-chunk must be >= 1 (got {self.task_chunk})"),
             (self.amp in (None, "bf16", "fp16"), f"--amp must be bf16 or fp16 (got {self.amp!r})"),
-            (self.threads is None or self.threads >= 1, f"--threads must be >= 1 (got {self.threads})"),
             (self.dtype in ("float32", "float64"), f"--dtype must be float32 or float64 (got {self.dtype!r})"),
-            (min(self.log_every, self.val_every, self.checkpoint_every) >= 1,
-             "--log-every, --val-every and --checkpoint-every must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
