@@ -2,8 +2,9 @@
 
 Each rank takes the episodes b = rank, rank + P, ... of every meta-batch (the same episodes a
 single process would draw), computes their meta-gradients scaled by 1/meta_batch, and the ranks
-sum them with one all-reduce: the result is the single-process mean. Rank 0 alone logs, validates
-and checkpoints. gloo on CPU, nccl on CUDA. A rank that dies makes the others fail with a clear
+sum them with one all-reduce: the result is the single-process mean. Every rank validates its share
+of the validation episodes (`gather_scores`), so none waits alone; rank 0 alone logs and checkpoints.
+At the end of each iteration the ranks agree on whether a signal asked them to stop (`agree_stop`). gloo on CPU, nccl on CUDA. A rank that dies makes the others fail with a clear
 error within `timeout` seconds instead of hanging.
 """
 from __future__ import annotations
@@ -91,3 +92,39 @@ def barrier(ctx: DistContext) -> None:
             dist.barrier()
         except RuntimeError as e:
             raise RankFailure(f"rank {ctx.rank}: another rank stopped answering ({str(e).splitlines()[0]})") from None
+
+
+def _reduce(ctx: DistContext, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    try:
+        dist.all_reduce(t, op=op)
+    except RuntimeError as e:
+        raise RankFailure(f"rank {ctx.rank}: another rank stopped answering ({str(e).splitlines()[0]})") from None
+    return t
+
+
+def gather_scores(ctx: DistContext, total: int, indices: range, losses: list[float], accs: list[float],
+                  device: torch.device) -> tuple[list[float], list[float]]:
+    """Per-episode scores of all ranks in episode order (each rank scored `indices` of `range(total)`).
+
+    Summing float64 rows that are zero except at each rank's own episodes is exact: the result equals
+    what one process scoring every episode computes.
+    """
+    if not ctx.active:
+        return losses, accs
+    rows = torch.zeros(3, total, dtype=torch.float64, device=device)
+    idx = torch.tensor(list(indices), dtype=torch.long, device=device)
+    rows[0, idx] = torch.tensor(losses, dtype=torch.float64, device=device)
+    if accs:
+        rows[1, idx] = torch.tensor(accs, dtype=torch.float64, device=device)
+        rows[2, idx] = 1.0
+    _reduce(ctx, rows)
+    has_acc = bool(rows[2].sum() == total)
+    return rows[0].tolist(), rows[1].tolist() if has_acc else []
+
+
+def agree_stop(ctx: DistContext, signum: int | None, device: torch.device) -> int | None:
+    """The signal any rank received (largest number), so all ranks stop after the same iteration."""
+    if not ctx.active:
+        return signum
+    flag = _reduce(ctx, torch.tensor([signum or 0], dtype=torch.int64, device=device), dist.ReduceOp.MAX)
+    return int(flag[0]) or None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -17,14 +17,11 @@ def confidence95(values: list[float]) -> float:
     return 1.96 * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
-def meta_test(algo: MetaAlgorithm, source: Any, split: str, ways: int, shots: int, query: int, episodes: int,
-              seed: int, device: torch.device, dtype: torch.dtype = torch.float32, progress: bool = False) -> dict[str, Any]:
-    """Adapt to `episodes` seeded episodes of `split` and score the query sets.
-
-    Episode i is drawn from `episode_rng(seed, split, i)`: the same seed gives the same episodes,
-    whatever the model, so runs are compared on identical tasks.
-    """
-    it = range(episodes)
+def episode_scores(algo: MetaAlgorithm, source: Any, split: str, ways: int, shots: int, query: int, seed: int,
+                   indices: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32,
+                   progress: bool = False) -> tuple[list[float], list[float]]:
+    """Losses and accuracies (empty for regression) of episodes `indices` of `split`, in that order."""
+    it: Any = indices
     if progress:
         from tqdm import tqdm
 
@@ -36,10 +33,26 @@ def meta_test(algo: MetaAlgorithm, source: Any, split: str, ways: int, shots: in
         losses.append(stats.loss)
         if stats.accuracy is not None:
             accs.append(stats.accuracy)
-    out: dict[str, Any] = {"split": split, "episodes": episodes, "seed": seed,
+    return losses, accs
+
+
+def summarize(split: str, seed: int, losses: list[float], accs: list[float]) -> dict[str, Any]:
+    """Means and 95% intervals of per-episode scores (accuracy None when there is none)."""
+    out: dict[str, Any] = {"split": split, "episodes": len(losses), "seed": seed,
                            "loss": float(np.mean(losses)), "loss_ci95": confidence95(losses)}
     if accs:
         out.update(accuracy=float(np.mean(accs)), ci95=confidence95(accs))
     else:
         out.update(accuracy=None, ci95=None)
     return out
+
+
+def meta_test(algo: MetaAlgorithm, source: Any, split: str, ways: int, shots: int, query: int, episodes: int,
+              seed: int, device: torch.device, dtype: torch.dtype = torch.float32, progress: bool = False) -> dict[str, Any]:
+    """Adapt to `episodes` seeded episodes of `split` and score the query sets.
+
+    Episode i is drawn from `episode_rng(seed, split, i)`: the same seed gives the same episodes,
+    whatever the model, so runs are compared on identical tasks.
+    """
+    losses, accs = episode_scores(algo, source, split, ways, shots, query, seed, range(episodes), device, dtype, progress)
+    return summarize(split, seed, losses, accs)
