@@ -8,9 +8,10 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import UsageError
+from .errors import Interrupted, NonFiniteError, UsageError
 
 # option name -> (type, help); defaults live in RunConfig, so only given options are passed on
 TRAIN_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
@@ -129,15 +130,21 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, strict_dumps
     from .config import RunConfig
     from .train import build_run
 
-    if ns.episodes < 1:
-        raise UsageError(f"--episodes must be >= 1 (got {ns.episodes})")
+    from .validation import EVAL_RANGES, check_all
+
+    check_all(ns, EVAL_RANGES)
     state = load_checkpoint(ns.run_dir)
-    cfg = RunConfig.from_dict(state["config"])
+    try:
+        cfg = RunConfig.from_dict(state["config"])
+    except TypeError as e:
+        raise UsageError(f"{Path(ns.run_dir) / 'checkpoint.pt'} is damaged: its config does not fit ({e})") from None
     if ns.data_root:
+        if not Path(ns.data_root).is_dir():
+            raise UsageError(f"--data-root {ns.data_root} is not a folder: pass the folder that holds the dataset")
         cfg.data_root = ns.data_root
     if ns.device:
         cfg.device = ns.device
@@ -147,12 +154,16 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         cfg.test_lr = ns.test_lr
     cfg.validate()
     run = build_run(cfg)
-    run.model.load_state_dict(state["model"])
+    try:
+        run.model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{Path(ns.run_dir) / 'checkpoint.pt'} does not fit the model its config builds "
+                         f"({' '.join(str(e).split())[:160]}): is it damaged?") from None
     result = run.test(ns.split, ns.episodes, ns.seed, progress=not ns.json)
     result.update(run_dir=str(ns.run_dir), iteration=state["iteration"], algo=cfg.algo, dataset=cfg.dataset,
                   test_steps=cfg.test_steps, test_lr=cfg.test_lr)
     if ns.json:
-        print(json.dumps(result))
+        print(strict_dumps(result))
     elif result["accuracy"] is not None:
         print(f"{ns.split} accuracy: {100 * result['accuracy']:.2f}% ± {100 * result['ci95']:.2f}% "
               f"({result['episodes']} episodes, seed {result['seed']}, iteration {state['iteration']})")
@@ -175,8 +186,12 @@ PLUGIN_COMMANDS: list[str] = ["mrml.bench", "mrml.report"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    """Run one command: exit 0, 2 (bad input, one line), 3 (training diverged), 130/143 (SIGINT/SIGTERM)."""
+    from . import interrupts
+
     try:
+        interrupts.install()
+        parser = build_parser()
         ns = parser.parse_args(argv)
         if ns.command is None:
             parser.print_help()
@@ -185,6 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else 2
+        if not getattr(e, "reported", False):
+            print("interrupted", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

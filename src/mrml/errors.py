@@ -8,3 +8,15 @@ class UsageError(Exception):
 
 class DataError(UsageError):
     """A dataset on disk is missing, malformed or does not match its split."""
+
+
+class NonFiniteError(Exception):
+    """Training produced a non-finite loss, gradient or parameter (the CLI exits with code 3)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the CLI exits with 128 + the signal number (130, 143)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -1,12 +1,18 @@
 """Meta-training: build the run from its config, loop over meta-batches, validate, checkpoint, test.
 
-Episode b of iteration t is drawn from `episode_rng(seed, "train", t * meta_batch + b)`, so a resumed
-run (or a distributed one) sees exactly the episodes of an uninterrupted single-process run.
+Episode b of iteration t is drawn from `episode_rng(seed, "train", t * meta_batch + b)`, and its
+augmentation (when on) from the counter position `(t * meta_batch + b) * ways`, so a resumed run (or
+a distributed one) sees exactly the episodes of an uninterrupted single-process run.
+
+Stopping: SIGINT and SIGTERM end the current step (or abandon a validation, which the resumed run
+redoes first), write the checkpoint and exit 130/143 on every rank. A non-finite loss, gradient or
+parameter stops the run (NonFiniteError, exit 3) with the last finite checkpoint kept.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -16,16 +22,18 @@ from typing import Any
 
 import torch
 
-from . import distributed
+from . import distributed, interrupts
 from .algorithms import MetaAlgorithm, build_algorithm
-from .checkpoint import atomic_json, atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import (atomic_json, atomic_write, load_checkpoint, remove_stale_temps, save_checkpoint, strict_dumps,
+                         write_error)
 from .config import RunConfig
 from .data.base import episode_rng
 from .data.registry import build_dataset
-from .errors import UsageError
-from .evaluate import meta_test
+from .errors import Interrupted, NonFiniteError, UsageError
+from .evaluate import episode_scores, meta_test, summarize
 from .memory import PeakMemoryMeter
 from .models import build_model
+from .runlock import RunLock
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -57,11 +65,22 @@ class Run:
     def episodes(self, iteration: int, indices: range | None = None) -> list:
         cfg = self.config
         idx = indices if indices is not None else range(cfg.meta_batch)
-        return [
-            self.source.episode("train", cfg.ways, cfg.shots, cfg.query,
-                                episode_rng(cfg.seed, "train", iteration * cfg.meta_batch + b)).to(self.device, self.dtype)
-            for b in idx
-        ]
+        out = []
+        for b in idx:
+            n = iteration * cfg.meta_batch + b
+            seek_augmentation(self.source, n * cfg.ways)
+            out.append(self.source.episode("train", cfg.ways, cfg.shots, cfg.query,
+                                           episode_rng(cfg.seed, "train", n)).to(self.device, self.dtype))
+        return out
+
+    def validate(self, ctx: distributed.DistContext) -> dict[str, Any]:
+        """Validation over `val_episodes` episodes, each rank scoring its share (the same numbers as one process)."""
+        cfg = self.config
+        mine = range(ctx.rank, cfg.val_episodes, ctx.world)
+        losses, accs = episode_scores(self.algo, self.source, "validation", cfg.ways, cfg.shots, cfg.query,
+                                      cfg.eval_seed, mine, self.device, self.dtype)
+        losses, accs = distributed.gather_scores(ctx, cfg.val_episodes, mine, losses, accs, self.device)
+        return summarize("validation", cfg.eval_seed, losses, accs)
 
     def test(self, split: str = "test", episodes: int | None = None, seed: int | None = None,
              progress: bool = False) -> dict[str, Any]:
@@ -81,7 +100,11 @@ def build_run(cfg: RunConfig, local_rank: int = 0) -> Run:
         source.check_episode(split, cfg.ways, cfg.shots, cfg.query)
     torch.manual_seed(cfg.seed)
     backbone = cfg.backbone if source.kind == "classification" or cfg.backbone != "conv4" else "mlp"
-    model = build_model(backbone, source.input_shape, source.num_outputs(cfg.ways), cfg.width).to(device, dtype)
+    try:
+        model = build_model(backbone, source.input_shape, source.num_outputs(cfg.ways), cfg.width).to(device, dtype)
+    except RuntimeError as e:
+        raise UsageError(f"backbone {backbone!r} cannot take inputs of shape {tuple(source.input_shape)} "
+                         f"({str(e).splitlines()[0]}): pick a larger --image-size or another --backbone") from None
     algo = build_algorithm(cfg.algo, model, source.kind, cfg.algo_config())
     params = algo.outer_parameters()
     if cfg.optimizer == "adam":
@@ -91,15 +114,22 @@ def build_run(cfg: RunConfig, local_rank: int = 0) -> Run:
     return Run(cfg, source, model, algo, opt, device, dtype)
 
 
+def seek_augmentation(source: Any, position: int) -> None:
+    """Set the training augmentation's counter (calls so far) to `position`, where the source has one."""
+    splits = getattr(source, "splits", None)
+    pre = getattr(splits.get("train"), "preprocess", None) if isinstance(splits, dict) else None
+    if pre is not None and getattr(pre, "augment", False):
+        pre.calls = position
+
+
+
 def default_out(cfg: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.dataset}-{cfg.algo}-{cfg.ways}w{cfg.shots}s-{stamp}"
 
 
-def prepare_out(out: Path, resume: bool) -> None:
-    """Create the run folder; refuse to overwrite another run; fail early if it is not writable."""
-    if not resume and (out / "checkpoint.pt").exists():
-        raise UsageError(f"{out} already holds a run: continue it with `mrml train --resume {out}` or pick another --out")
+def prepare_out(out: Path, resume: bool) -> RunLock:
+    """Create and lock the run folder; refuse to overwrite another run; fail early if it is not writable."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -107,10 +137,16 @@ def prepare_out(out: Path, resume: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable folder") from None
+    lock = RunLock(out).acquire()
+    if not resume and (out / "checkpoint.pt").exists():
+        lock.release()
+        raise UsageError(f"{out} already holds a run: continue it with `mrml train --resume {out}` or pick another --out")
+    remove_stale_temps(out, "checkpoint.pt")
+    return lock
 
 
 class MetricsLog:
-    """metrics.jsonl (the source of truth), mirrored to TensorBoard when asked for."""
+    """metrics.jsonl (the source of truth, strict JSON: non-finite numbers as null), mirrored to TensorBoard when asked for."""
 
     def __init__(self, path: Path, tensorboard: bool):
         self.path = path
@@ -123,8 +159,11 @@ class MetricsLog:
             self.writer = SummaryWriter(str(path.parent / "tensorboard"))
 
     def __call__(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(strict_dumps(record) + "\n")
+        except OSError as e:
+            raise write_error(self.path, e) from None
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("iteration", "split"):
@@ -134,46 +173,100 @@ class MetricsLog:
 
 def train(cfg: RunConfig | None = None, resume: str | Path | None = None, iterations: int | None = None,
           progress: bool = True, stream: Any = None) -> dict[str, Any]:
-    """Train (or resume) a run and meta-test it; returns final.json's content."""
+    """Train (or resume) a run and meta-test it; returns final.json's content.
+
+    Raises UsageError (bad settings, a tampered checkpoint, a locked or full --out), NonFiniteError
+    (training diverged) and Interrupted (SIGINT/SIGTERM, after checkpointing).
+    """
     stream = stream or sys.stdout
     ctx = distributed.from_environment()
     state = None
     if resume is not None:
         state = load_checkpoint(resume)
-        cfg = RunConfig.from_dict(state["config"])
+        try:
+            cfg = RunConfig.from_dict(state["config"])
+        except TypeError as e:
+            raise UsageError(f"{Path(resume) / 'checkpoint.pt'} is damaged: its config does not fit ({e})") from None
         cfg.out = str(resume)
         if iterations is not None:
+            if isinstance(iterations, int) and not isinstance(iterations, bool) and 0 <= iterations < state["iteration"]:
+                raise UsageError(f"--iterations {iterations} is below the {state['iteration']} iterations {resume} "
+                                 f"has done: give at least {state['iteration']}")
             cfg.iterations = iterations
+        cfg.validate()
+        if cfg.iterations < state["iteration"]:
+            raise UsageError(f"{resume} has done {state['iteration']} iterations, more than its {cfg.iterations}: "
+                             f"give --iterations {state['iteration']} or more")
+    elif cfg is not None:
+        cfg.validate()
     assert cfg is not None
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
-    if ctx.is_main:
-        prepare_out(out, resume is not None)
-    if cfg.meta_batch < ctx.world:
-        raise UsageError(f"--meta-batch {cfg.meta_batch} is smaller than the {ctx.world} processes: each needs a task")
-    run = build_run(cfg, ctx.local_rank)
-    distributed.init(ctx, run.device, cfg.dist_timeout)
+    lock = prepare_out(out, resume is not None) if ctx.is_main else None
     try:
-        return _train_loop(run, ctx, out, state, progress, stream)
-    except distributed.RankFailure as e:
-        raise SystemExit(f"error: {e}; stopping") from None
+        if cfg.meta_batch < ctx.world:
+            raise UsageError(f"--meta-batch {cfg.meta_batch} is smaller than the {ctx.world} processes: each needs a task")
+        run = build_run(cfg, ctx.local_rank)
+        distributed.init(ctx, run.device, cfg.dist_timeout)
+        try:
+            with interrupts.deferred():
+                return _train_loop(run, ctx, out, state, progress, stream)
+        except distributed.RankFailure as e:
+            raise SystemExit(f"error: {e}; stopping") from None
+        except (NonFiniteError, Interrupted) as e:
+            if ctx.is_main:
+                raise
+            raise SystemExit(3 if isinstance(e, NonFiniteError) else 128 + e.signum) from None  # rank 0 reports
+        finally:
+            distributed.shutdown(ctx)
     finally:
-        distributed.shutdown(ctx)
+        if lock is not None:
+            lock.release()
+
+
+def _restore(run: Run, state: dict[str, Any], out: Path) -> None:
+    """Load model, optimizer and algorithm state; a checkpoint that does not fit the model is one line."""
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.algo.load_state_dict(state.get("algo") or {})
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{out / 'checkpoint.pt'} does not fit the model its config builds "
+                         f"({' '.join(str(e).split())[:160]}): is it damaged?") from None
+    for key in ("best_validation", "plain_timing"):
+        if key in state and state[key] is not None and not isinstance(state[key], (dict, list, tuple)):
+            raise UsageError(f"{out / 'checkpoint.pt'} is damaged: {key!r} is a {type(state[key]).__name__}")
+
+
+def _likely_cause(cfg: RunConfig, what: str) -> str:
+    """The setting that most likely made `what` non-finite."""
+    if what == "parameters":
+        return f"--outer-lr {cfg.outer_lr:g} is likely too large"
+    if what in ("validation", "test"):
+        return f"--test-lr {cfg.test_lr:g} (with --test-steps {cfg.test_steps}) is likely too large"
+    if cfg.l2 is not None and cfg.l2 > 1e4:
+        return f"--l2 {cfg.l2:g} is likely too large"
+    hint = f"--inner-lr {cfg.inner_lr:g} is likely too large"
+    return hint + (" for --plain-inner (without it a guard damps divergent inner steps)" if cfg.plain_inner else "")
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
 def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[str, Any] | None, progress: bool,
                 stream: Any) -> dict[str, Any]:
     cfg = run.config
-    start, elapsed, best = 0, 0.0, None
+    done, elapsed, best, owed = 0, 0.0, None, False  # owed: the validation of iteration `done` is still to run
     plain = [0.0, 0]  # seconds and count of the iterations run outside the memory meter (the timing figure)
     if state is not None:
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.algo.load_state_dict(state.get("algo", {}))
-        start, elapsed, best = state["iteration"], state["seconds"], state.get("best_validation")
+        _restore(run, state, out)
+        done, elapsed, best = state["iteration"], float(state["seconds"]), state.get("best_validation")
         plain = list(state.get("plain_timing", plain))
+        owed = bool(state.get("validation_owed", False))
         if ctx.is_main:
-            _truncate_metrics(out / "metrics.jsonl", start)
+            _truncate_metrics(out / "metrics.jsonl", done, stream)
+            (out / "final.json").unlink(missing_ok=True)  # from an earlier end; rewritten when this run ends
     elif ctx.is_main:
         for name in ("metrics.jsonl", "final.json"):
             (out / name).unlink(missing_ok=True)
@@ -182,41 +275,81 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
     if cfg.preset and state is None and ctx.is_main:
         print(f"preset {cfg.preset} for {cfg.algo}: " + json.dumps(cfg.to_dict()), file=stream)
 
-    def checkpoint(iteration: int) -> None:
+    def checkpoint(validation_owed: bool = False) -> None:
         if not ctx.is_main:
             return
         save_checkpoint(out / "checkpoint.pt", {
-            "config": cfg.to_dict(), "iteration": iteration, "seconds": elapsed, "best_validation": best,
-            "plain_timing": plain,
+            "config": cfg.to_dict(), "iteration": done, "seconds": elapsed, "best_validation": best,
+            "plain_timing": plain, "validation_owed": validation_owed,
+            "augment_calls": done * cfg.meta_batch * cfg.ways,  # where the augmentation counter resumes
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "algo": run.algo.state_dict(),
         })
 
-    bar = None
-    if progress and cfg.iterations > start and ctx.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.iterations, initial=start, desc=f"{cfg.algo} {cfg.dataset}", dynamic_ncols=True)
     metrics = out / "metrics.jsonl"
     log = MetricsLog(metrics, cfg.tensorboard and ctx.is_main)
-    it = start
+    params = run.algo.outer_parameters()
+
+    def stop(signum: int, message: str) -> None:
+        checkpoint(validation_owed=owed)
+        if ctx.is_main:
+            print(f"{message}: checkpoint at iteration {done} in {out}; continue with `mrml train --resume {out}`",
+                  file=stream)
+        e = Interrupted(signum)
+        e.reported = True  # type: ignore[attr-defined]
+        raise e
+
+    def validate() -> None:
+        """Validate at iteration `done`; in one process a signal abandons it (the checkpoint owes it)."""
+        nonlocal best, owed
+        owed = True
+        with interrupts.interruptible(not ctx.active):
+            val = run.validate(ctx)
+        if not math.isfinite(val["loss"]):
+            raise NonFiniteError(f"validation loss at iteration {done} is not finite: {_likely_cause(cfg, 'validation')}")
+        if ctx.is_main:
+            log({"split": "validation", "iteration": done, "loss": val["loss"],
+                 "accuracy": val["accuracy"], "ci95": val["ci95"], "seconds": round(elapsed, 4)})
+        key = "accuracy" if val["accuracy"] is not None else "loss"
+        if best is None or (val[key] > best[key] if key == "accuracy" else val[key] < best[key]):
+            best = {"iteration": done, "accuracy": val["accuracy"], "loss": val["loss"]}
+        owed = False
+
+    bar = None
+    if progress and cfg.iterations > done and ctx.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.iterations, initial=done, desc=f"{cfg.algo} {cfg.dataset}", dynamic_ncols=True)
     try:
-        for it in range(start, cfg.iterations):
+        if owed:
+            validate()
+        while done < cfg.iterations:
+            it = done
             t0 = time.perf_counter()
             shard = ctx.shard(cfg.meta_batch)
             eps = run.episodes(it, shard)
-            logged = (it + 1) % cfg.log_every == 0 or it == start
+            logged = (it + 1) % cfg.log_every == 0 or it == 0  # not on resuming: the log matches an unbroken run
             meter = PeakMemoryMeter(run.device) if logged else None
             with meter if meter is not None else contextlib.nullcontext():
                 stats = run.algo.meta_gradient(eps, scale=1.0 / cfg.meta_batch)
-                stats = distributed.all_reduce_step(ctx, run.algo.outer_parameters(), stats, len(shard), run.device)
-                run.optimizer.step()
+                stats = distributed.all_reduce_step(ctx, params, stats, len(shard), run.device)
+                finite = math.isfinite(stats.loss) and _all_finite([p.grad for p in params if p.grad is not None])
+                if finite:
+                    run.optimizer.step()
+            if not finite:
+                checkpoint()  # the parameters of `done` steps, all finite
+                raise NonFiniteError(f"non-finite training loss or gradient at iteration {it + 1}: "
+                                     f"{_likely_cause(cfg, 'loss')}; the checkpoint keeps iteration {done}")
+            if not _all_finite([p.detach() for p in params]):
+                raise NonFiniteError(f"non-finite parameters after iteration {it + 1}: {_likely_cause(cfg, 'parameters')}; "
+                                     f"the last checkpoint in {out} is kept")
+            done = it + 1
             dt = time.perf_counter() - t0
             elapsed += dt
             if meter is None:
                 plain[0], plain[1] = plain[0] + dt, plain[1] + 1
             if meter is not None and ctx.is_main:
                 rep = meter.report()
-                rec = {"split": "train", "iteration": it + 1, "loss": stats.loss, "accuracy": stats.accuracy,
+                rec = {"split": "train", "iteration": done, "loss": stats.loss, "accuracy": stats.accuracy,
                        "seconds": round(elapsed, 4), "peak_mb": round(rep.peak_mb, 3), "meter": "dispatch",
                        **{k: v for k, v in stats.extra.items()}}
                 if rep.cuda_peak_mb is not None:
@@ -230,29 +363,35 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
                     post["val"] = f"{best['accuracy']:.3f}" if best.get("accuracy") is not None else f"{best['loss']:.3f}"
                 bar.set_postfix(post)
                 bar.update(1)
-            if ctx.is_main and ((it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations):
-                val = run.test("validation", cfg.val_episodes)
-                log({"split": "validation", "iteration": it + 1, "loss": val["loss"],
-                               "accuracy": val["accuracy"], "ci95": val["ci95"], "seconds": round(elapsed, 4)})
-                key = "accuracy" if val["accuracy"] is not None else "loss"
-                better = best is None or (val[key] > best[key] if key == "accuracy" else val[key] < best[key])
-                if better:
-                    best = {"iteration": it + 1, "accuracy": val["accuracy"], "loss": val["loss"]}
-            if (it + 1) % cfg.checkpoint_every == 0:
-                checkpoint(it + 1)
-        it = cfg.iterations
-    except KeyboardInterrupt:
+            if done % cfg.val_every == 0 or done == cfg.iterations:
+                validate()
+            saved = done % cfg.checkpoint_every == 0
+            if saved:
+                checkpoint()
+            signum = distributed.agree_stop(ctx, interrupts.pending(), run.device)
+            if signum is not None and done < cfg.iterations:
+                if bar is not None:
+                    bar.close()
+                stop(signum, "interrupted")
+    except Interrupted as e:
         if bar is not None:
             bar.close()
-        checkpoint(it)
-        print(f"interrupted: checkpoint at iteration {it} in {out}; continue with `mrml train --resume {out}`", file=stream)
-        raise SystemExit(130) from None
+        if getattr(e, "reported", False):
+            raise
+        stop(e.signum, "interrupted during validation")
     if bar is not None:
         bar.close()
-    checkpoint(cfg.iterations)
+    checkpoint()
     if not ctx.is_main:
         return {}
-    test = run.test("test", progress=progress)
+    try:
+        with interrupts.interruptible():
+            test = run.test("test", progress=progress)
+    except Interrupted as e:
+        print(f"interrupted during the final meta-test: the trained model (iteration {done}) is saved in {out}; "
+              f"`mrml train --resume {out}` runs the meta-test", file=stream)
+        e.reported = True  # type: ignore[attr-defined]
+        raise
     # seconds_per_iteration: mean over the iterations run outside the memory meter (a metered step costs
     # 1.5-1.85x a plain one); every iteration when none ran unmetered (e.g. --log-every 1)
     per_it = plain[0] / plain[1] if plain[1] else elapsed / max(cfg.iterations, 1)
@@ -262,24 +401,50 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
              "peak_mb": _max_peak(metrics), "device": str(run.device), **{k: test[k] for k in
              ("accuracy", "ci95", "loss", "loss_ci95", "episodes", "seed")}}
     atomic_json(out / "final.json", final)
+    if not math.isfinite(final["loss"]):
+        raise NonFiniteError(f"meta-test loss is not finite: {_likely_cause(cfg, 'test')} (final.json records it as null)")
     if final["accuracy"] is not None:
-        print(f"meta-test accuracy: {100 * final['accuracy']:.2f}% ± {100 * final['ci95']:.2f}% "
+        print(f"meta-test accuracy: {100 * final['accuracy']:.2f}% ± {100 * (final['ci95'] or 0):.2f}% "
               f"({final['episodes']} episodes, {cfg.ways}-way {cfg.shots}-shot, {cfg.dataset}); results in {out}", file=stream)
     else:
-        print(f"meta-test loss: {final['loss']:.4f} ± {final['loss_ci95']:.4f} ({final['episodes']} episodes, "
+        print(f"meta-test loss: {final['loss']:.4f} ± {final['loss_ci95'] or 0:.4f} ({final['episodes']} episodes, "
               f"{cfg.dataset}); results in {out}", file=stream)
     return final
 
 
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop records logged after the checkpoint a resumed run starts from (they will be redone)."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
-        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
+def _read_records(path: Path) -> tuple[list[bytes], list[bytes]]:
+    """metrics.jsonl's lines split into good records and lines that are cut off or undecodable."""
+    good, bad = [], []
+    for line in path.read_bytes().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            ok = isinstance(rec, dict) and isinstance(rec.get("iteration"), int)
+        except (UnicodeDecodeError, ValueError):
+            ok = False
+        (good if ok else bad).append(line)
+    return good, bad
+
+
+def _truncate_metrics(path: Path, iteration: int, stream: Any = None) -> None:
+    """Drop records logged after the checkpoint a resumed run starts from (they will be redone); lines that
+    are cut off (a full disk, a kill mid-append) or undecodable go to metrics.jsonl.corrupt, reported in one line."""
+    if not path.exists():
+        return
+    good, bad = _read_records(path)
+    if bad:
+        corrupt = path.with_name(path.name + ".corrupt")
+        with open(corrupt, "ab") as f:
+            f.write(b"".join(line + b"\n" for line in bad))
+        print(f"warning: set aside {len(bad)} unreadable line(s) of {path} in {corrupt}", file=stream or sys.stderr)
+    keep = [line for line in good if json.loads(line)["iteration"] <= iteration]
+    atomic_write(path, lambda f: f.write(b"".join(line + b"\n" for line in keep)))
 
 
 def _max_peak(metrics: Path) -> float | None:
     if not metrics.exists():
         return None
-    peaks = [r["peak_mb"] for r in map(json.loads, metrics.read_text().splitlines()) if "peak_mb" in r]
+    peaks = [r["peak_mb"] for r in map(json.loads, _read_records(metrics)[0])
+             if isinstance(r.get("peak_mb"), (int, float))]
     return max(peaks) if peaks else None
