@@ -189,8 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command: exit 0, 2 (bad input, one line), 3 (training diverged), 130/143 (SIGINT/SIGTERM)."""
     from . import interrupts
 
+    handlers = {}
     try:
-        interrupts.install()
+        handlers = interrupts.install()
         parser = build_parser()
         ns = parser.parse_args(argv)
         if ns.command is None:
@@ -208,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(e, "reported", False):
             print("interrupted", file=sys.stderr)
         return 128 + signum
+    finally:
+        interrupts.restore(handlers)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,16 @@ def _handler(signum: int, frame: object) -> None:
         raise Interrupted(signum)
 
 
-def install() -> None:
-    """Route SIGINT and SIGTERM to `Interrupted` (main thread only; a no-op elsewhere)."""
-    if threading.current_thread() is threading.main_thread():
-        for s in SIGNALS:
-            signal.signal(s, _handler)
+def install() -> dict[int, object]:
+    """Route SIGINT and SIGTERM to `Interrupted` (main thread only; a no-op elsewhere); returns the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, _handler) for s in SIGNALS}
+
+
+def restore(handlers: dict[int, object]) -> None:
+    for s, h in handlers.items():
+        signal.signal(s, h)  # type: ignore[arg-type]
 
 
 def pending() -> int | None:
@@ -38,14 +43,15 @@ def pending() -> int | None:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Note signals instead of raising them, for the body's life."""
-    install()
+    """Note signals instead of raising them, for the body's life (the handlers before it are put back after)."""
+    handlers = install()
     old = dict(_state)
     _state.update(defer=True, pending=None)
     try:
         yield
     finally:
         _state.update(defer=old["defer"], pending=None)
+        restore(handlers)
 
 
 @contextlib.contextmanager
