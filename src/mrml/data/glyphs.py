@@ -434,6 +434,9 @@ def _save(path: Path, images: np.ndarray, codepoints: np.ndarray, splits: np.nda
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # a shared cache, readable like any file the user creates
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays)
         os.replace(tmp, path)
@@ -465,12 +468,12 @@ def load_or_generate(
 _IGNORED_OPTIONS = ()
 
 
-def _check_int(name: str, value: Any, low: int, default: int) -> int:
-    """`value` as an int >= `low` (None means `default`), else a UsageError naming the option."""
+def _check_int(name: str, value: Any, low: int, default: int, high: int = 2**32 - 1) -> int:
+    """`value` as an int in `low..high` (None means `default`), else a UsageError naming the option."""
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise UsageError(f"glyphs option {name} must be an integer >= {low} (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise UsageError(f"glyphs option {name} must be an integer >= {low} and <= {high} (got {value!r})")
     return int(value)
 
 
@@ -488,7 +491,7 @@ def build_glyphs(
         raise UsageError(f"dataset 'glyphs' has no option {unknown[0]!r} (it takes samples, image_size, dataset_seed)")
     seed = _check_int("dataset_seed", dataset_seed, 0, 0)
     samples = _check_int("samples", samples, 1, 20)
-    image_size = _check_int("image_size", image_size, 8, 28)
+    image_size = _check_int("image_size", image_size, 8, 28, 128)  # rendered for every class: keep it small
     images, codepoints, splits, path, cached = load_or_generate(seed, samples, image_size, root)
     parts = {}
     for sid, name in enumerate(SPLITS):

@@ -22,6 +22,8 @@ def _rows_of_class_dict(class_dict: object, n_images: int, where: str) -> dict[s
         raise DataError(f"{where}: 'class_dict' is a {type(class_dict).__name__}, expected wnid -> list of rows")
     rows = {}
     for wnid, idx in class_dict.items():
+        if not isinstance(idx, (list, tuple, np.ndarray)):
+            raise DataError(f"{where}: 'class_dict' maps {text(wnid)} to a {type(idx).__name__}, expected a list of rows")
         idx = np.asarray(idx) if len(idx) else np.zeros(0, np.int64)
         if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (idx.size and (idx.min() < 0 or idx.max() >= n_images)):
             raise DataError(f"{where}: 'class_dict' rows of {text(wnid)} are not indices into its {n_images} images")

@@ -58,11 +58,13 @@ def detect(dataset: str, layouts: tuple[Layout, ...], root: Path) -> tuple[Layou
         )
     for layout in layouts:
         for sub in layout.folders:
-            for f in layout.files:
-                top = f.split("/")[0]
+            # an archive named after a file of the layout, or after the layout's folder (cifar-100-python.tar.gz)
+            tops = [root / sub / f.split("/")[0] for f in layout.files] + ([root / sub.split("/")[0]] if sub else [])
+            for top in tops:
                 for ext in _ARCHIVES:
-                    archive = (root / sub / top).with_name(top + ext)
+                    archive = top.with_name(top.name + ext)
                     if archive.is_file():
-                        raise DataError(f"{archive} is still packed: extract it inside {archive.parent} first")
+                        raise DataError(f"{archive} is still packed: extract it inside {archive.parent} first "
+                                        f"(e.g. tar xf {archive.name})")
     expected = "; ".join(f"{layout.pattern} ({layout.name})" for layout in layouts)
     raise DataError(f"no {dataset} files found in {root}: expected one of: {expected}")

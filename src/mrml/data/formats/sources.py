@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import io
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -64,15 +65,41 @@ def stacked(names: list[str], arrays: list[np.ndarray], where: str, shape: tuple
     return IndexedClasses(names, data, [np.arange(s, s + n) for s, n in zip(starts, sizes)], where)
 
 
+MAX_PIXELS = 4096 * 4096  # benchmark images are at most a few hundred pixels a side; more is a decompression bomb
+
+
+def open_image(source: object, where: str, decode: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """Open `source` (a path or a file object), check its declared size, then `decode` it.
+
+    Any failure (unknown format, truncated data, a decompression bomb, a decoder error) is a one-line
+    DataError naming `where`.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:  # type: ignore[arg-type]
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise DataError(f"{where} declares {w}x{h} pixels, far more than a benchmark image "
+                                    "(a decompression bomb?): remove or replace it")
+                return decode(img)
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError(f"{where} is not a readable image (no image format recognised)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{where} is a decompression bomb (far more pixels than its file size suggests): remove it") from None
+    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds of errors on hostile files
+        raise DataError(f"{where} is not a readable image ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+
+
 def decode_png(blob: np.ndarray | bytes, where: str) -> np.ndarray:
     """PNG (or any PIL-readable) bytes -> uint8 RGB array (H, W, 3)."""
     try:
-        with Image.open(io.BytesIO(bytes(blob))) as img:
-            return np.asarray(img.convert("RGB"))
-    except UnidentifiedImageError:
-        raise DataError(f"{where} is not a readable image (no image format recognised)") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{where} is not a readable image ({' '.join(str(exc).split())})") from None
+        data = bytes(blob)
+    except (TypeError, ValueError):
+        raise DataError(f"{where} is not image bytes (a {type(blob).__name__})") from None
+    return open_image(io.BytesIO(data), where, lambda img: np.asarray(img.convert("RGB")))
 
 
 class PngBytesClasses(RawClasses):
@@ -210,13 +237,12 @@ def read_png_folders(folders: list[Path], mode: str, shape: tuple[int, ...], des
     for folder in tqdm(folders, desc=desc, unit="class", leave=False):
         images = []
         for path in sorted(folder.glob("*.png")):
-            try:
-                with Image.open(path) as img:
-                    img = img.convert(mode)
-                    if np.asarray(img).shape != shape:
-                        raise DataError(f"{path}: image has shape {np.asarray(img).shape}, expected {shape}")
-                    images.append(convert(img) if convert else np.asarray(img))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"{path} is not a readable image ({' '.join(str(exc).split())})") from None
+            def decode(img: Image.Image, path: Path = path) -> np.ndarray:
+                img = img.convert(mode)
+                if np.asarray(img).shape != shape:
+                    raise DataError(f"{path}: image has shape {np.asarray(img).shape}, expected {shape}")
+                return convert(img) if convert else np.asarray(img)
+
+            images.append(open_image(path, str(path), decode))
         out.append(np.stack(images) if images else np.zeros((0, *(out_shape or shape)), np.uint8))
     return out
