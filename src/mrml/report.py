@@ -59,6 +59,11 @@ class RunRecords:
         return max(its) if its else 0
 
 
+# final.json fields that must be numbers (or null) for a table or plot
+FINAL_NUMBERS = ("iterations", "seconds", "seconds_per_iteration", "peak_mb", "accuracy", "ci95", "loss", "loss_ci95",
+                 "episodes")
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -105,6 +110,12 @@ def load_run(path: str | Path) -> RunRecords:
         final = _read_json(path / "final.json")
         if not isinstance(final, dict):
             raise UsageError(f"{path / 'final.json'} is not a JSON object")
+        for key in FINAL_NUMBERS:
+            value = final.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise UsageError(f"{path / 'final.json'}: {key!r} is {value!r}, expected a number or null "
+                                 "(was the file edited by hand?)")
     return RunRecords(path, config, records, final)
 
 

@@ -239,15 +239,17 @@ def _restore(run: Run, state: dict[str, Any], out: Path) -> None:
 
 
 def _likely_cause(cfg: RunConfig, what: str) -> str:
-    """The setting that most likely made `what` non-finite."""
-    if what == "parameters":
-        return f"--outer-lr {cfg.outer_lr:g} is likely too large"
+    """The setting that most likely made `what` (loss, parameters, validation, test) non-finite."""
     if what in ("validation", "test"):
         return f"--test-lr {cfg.test_lr:g} (with --test-steps {cfg.test_steps}) is likely too large"
+    outer = f"--outer-lr {cfg.outer_lr:g} is likely too large"
+    inner = f"--inner-lr {cfg.inner_lr:g} is likely too large" + (
+        " for --plain-inner (without it a guard damps divergent inner steps)" if cfg.plain_inner else "")
+    if what == "parameters" or cfg.outer_lr > 1:
+        return outer
     if cfg.l2 is not None and cfg.l2 > 1e4:
         return f"--l2 {cfg.l2:g} is likely too large"
-    hint = f"--inner-lr {cfg.inner_lr:g} is likely too large"
-    return hint + (" for --plain-inner (without it a guard damps divergent inner steps)" if cfg.plain_inner else "")
+    return inner
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

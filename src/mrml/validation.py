@@ -15,6 +15,7 @@ SEED_MAX = 2**32 - 1  # numpy and torch seeds
 BIG = 10**9  # counts of iterations or steps: more is a typo, not a run
 EPISODES_MAX = 10**7
 FLOAT_MAX = 1.7976931348623157e308
+LR_MAX = 1e38  # step sizes and strengths: float32 parameters overflow beyond
 
 
 @dataclass(frozen=True)
@@ -71,17 +72,17 @@ RUN_RANGES: tuple[Range, ...] = (
     Range("shots", int, 1, 10**5),
     Range("query", int, 1, 10**5),
     Range("inner_steps", int, 0, 10**6),
-    Range("inner_lr", float, 0, FLOAT_MAX, open_low=True),
-    Range("l2", float, 0, FLOAT_MAX, optional=True),
+    Range("inner_lr", float, 0, LR_MAX, open_low=True),
+    Range("l2", float, 0, LR_MAX, optional=True),
     Range("cg_steps", int, 0, 10**6),
-    Range("cg_tol", float, 0, FLOAT_MAX),
+    Range("cg_tol", float, 0, LR_MAX),
     Range("test_steps", int, 0, 10**6),
-    Range("test_lr", float, 0, FLOAT_MAX, open_low=True),
+    Range("test_lr", float, 0, LR_MAX, open_low=True),
     Range("task_chunk", int, 1, 10**5),
     Range("width", int, 1, 4096, optional=True, hint="leave it out for the backbone's default"),
     Range("meta_batch", int, 1, 10**5),
     Range("iterations", int, 0, BIG),
-    Range("outer_lr", float, 0, FLOAT_MAX, open_low=True),
+    Range("outer_lr", float, 0, LR_MAX, open_low=True),
     Range("seed", int, 0, SEED_MAX),
     Range("eval_seed", int, 0, SEED_MAX),
     Range("threads", int, 1, 1024, optional=True),
