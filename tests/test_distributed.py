@@ -1,6 +1,7 @@
 """Two gloo processes on CPU: same parameters as one process after 3 iterations; a dead rank stops the other."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ARGS = ["--dataset", "sinusoid", "--ways", "1", "--shots", "5", "--query", "5", "--meta-batch", "4",
@@ -60,3 +62,66 @@ def test_dead_rank_stops_the_other(tmp_path):
     assert procs[0].returncode not in (0, None)
     assert time.time() - started < 45
     assert "stopped answering" in err, err[-2000:]
+
+
+SLOW_VALIDATION = r"""
+import sys, time
+import mrml.train as t
+orig = t.episode_scores
+def slow(*a, **k):
+    time.sleep(0.5 * len(a[7]))  # a[7]: the episode indices this rank scores
+    return orig(*a, **k)
+t.episode_scores = slow
+from mrml.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_validation_longer_than_the_timeout_does_not_starve_ranks(tmp_path):
+    """8 validation episodes at 0.5 s each: 4 s on rank 0 alone would outlast --dist-timeout 3 for the rank
+    waiting in the next step; shared, each rank takes 2 s. The validation records equal a single process's."""
+    single, multi, port = tmp_path / "single", tmp_path / "multi", free_port()
+    args = [*ARGS, "--val-episodes", "8", "--val-every", "1", "--iterations", "2"]
+    args[args.index("--dist-timeout") + 1] = "3"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    subprocess.run([sys.executable, "-m", "mrml", "train", *args, "--out", str(single)], env=env, check=True,
+                   capture_output=True, timeout=120)
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", SLOW_VALIDATION, "train", *args, "--out", str(multi)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+
+    def validation(out: Path) -> list[tuple]:
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["iteration"], r["loss"]) for r in recs if r["split"] == "validation"]
+
+    a, b = validation(single), validation(multi)
+    assert [i for i, _ in a] == [i for i, _ in b] == [1, 2]
+    assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-6)
+
+
+def test_sigterm_stops_every_rank_cleanly(tmp_path):
+    out = tmp_path / "run"
+    procs = launch(out, 100000, 2, free_port())
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    results = [p.communicate(timeout=60) for p in procs]
+    for p, (so, se) in zip(procs, results):
+        assert p.returncode == 143 and "Traceback" not in se, se[-2000:]
+    assert "interrupted" in results[0][0] and "interrupted" not in results[1][0] + results[1][1]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] >= 3
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {state["iteration"]}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-m", "mrml", "train", "--resume", str(out), "--iterations",
+                           str(state["iteration"] + 1), "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
