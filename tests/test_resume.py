@@ -23,11 +23,15 @@ TIMING = {"seconds", "peak_mb", "cuda_peak_mb", "meter"}
 # Runs `mrml train ARGS` after patching one function of mrml.train to send this process a real signal
 # on its Nth call: all_reduce_step (mid-step), Run.validate (mid-validation) or save_checkpoint (mid-write).
 WRAPPER = r"""
-import os, signal, sys
-import mrml.train as t
+import importlib, os, signal, sys
 where, nth, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
-owner, name = {"step": (t.distributed, "all_reduce_step"), "validation": (t.Run, "validate"),
-               "checkpoint": (t, "save_checkpoint")}[where]
+module, _, path = {"step": "mrml.train:distributed.all_reduce_step", "validation": "mrml.train:Run.validate",
+                   "checkpoint": "mrml.train:save_checkpoint", "startup": "mrml.train:build_run",
+                   "bench": "mrml.bench:run_in_subprocess"}[where].partition(":")
+owner = importlib.import_module(module)
+*parents, name = path.split(".")
+for p in parents:
+    owner = getattr(owner, p)
 orig, calls = getattr(owner, name), [0]
 def patched(*a, **k):
     calls[0] += 1
@@ -40,10 +44,10 @@ sys.exit(main(sys.argv[4:]))
 """
 
 
-def interrupted_run(args: list[str], where: str, nth: int, sig: str) -> subprocess.CompletedProcess:
+def interrupted_run(args: list[str], where: str, nth: int, sig: str, command: str = "train") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-c", WRAPPER, where, str(nth), sig, "train", *args],
+    return subprocess.run([sys.executable, "-c", WRAPPER, where, str(nth), sig, command, *args],
                           env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -108,3 +112,26 @@ def test_signal_during_final_meta_test_exits_cleanly(tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["iteration"] == 6
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert (run / "final.json").exists()
+
+
+@pytest.mark.parametrize("where,command,args", [
+    ("startup", "train", [*SINUSOID, *COMMON]),
+    ("bench", "bench", ["memory", "--width", "4", "--image-size", "16", "--ways", "3", "--shots", "1", "--query", "1",
+                        "--meta-batch", "1", "--repeats", "1", "--algos", "mrml", "--steps", "1", "--device", "cpu"]),
+])
+def test_signal_elsewhere_is_one_line(tmp_path, where, command, args):
+    """Ctrl-C while a run starts or during `bench memory`: exit 130 and one line, no traceback."""
+    if command == "train":
+        args = [*args, "--out", str(tmp_path / "run")]
+    p = interrupted_run(args, where, 1, "SIGINT", command)
+    assert p.returncode == 130, p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1] == "interrupted", p.stderr
+
+
+def test_stale_final_json_goes_when_a_resumed_run_stops(tmp_path):
+    run = tmp_path / "run"
+    args = [*SINUSOID, *COMMON[:-1], "4", "--out", str(run)]  # COMMON ends with --iterations 6
+    assert main(["train", *args]) == 0 and (run / "final.json").exists()
+    p = interrupted_run(["--resume", str(run), "--iterations", "6", "--no-progress"], "step", 1, "SIGTERM")
+    assert p.returncode == 143, p.stderr
+    assert not (run / "final.json").exists()  # a final.json of 4 iterations would pass for this unfinished run
