@@ -49,6 +49,35 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6)
 
 
+def test_two_gloo_ranks_match_single_process_with_augment(tmp_path):
+    """Each rank augments its episodes exactly as one process would (the counter follows the episode index)."""
+    import fixtures_formats as fx
+
+    root = fx.r2d2_pngs(tmp_path / "data", fx.CIFAR_SPLIT)
+    split = fx.write_split(tmp_path / "split.json", fx.CIFAR_SPLIT, images_per_class=fx.PER_CLASS)
+    args = ["--dataset", "cifar-fs", "--data-root", str(root), "--split-file", str(split), "--augment", "--ways", "3",
+            "--shots", "1", "--query", "2", "--meta-batch", "4", "--width", "4", "--inner-steps", "2", "--cg-steps", "2",
+            "--val-episodes", "2", "--test-episodes", "2", "--no-progress", "--device", "cpu", "--dist-timeout", "30",
+            "--iterations", "2", "--optimizer", "sgd", "--outer-lr", "0.5"]
+    single, multi, port = tmp_path / "single", tmp_path / "multi", free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    subprocess.run([sys.executable, "-m", "mrml", "train", *args, "--out", str(single)], env=env, check=True,
+                   capture_output=True, timeout=120)
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "mrml", "train", *args, "--out", str(multi)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    a = torch.load(single / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(multi / "checkpoint.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
 def test_dead_rank_stops_the_other(tmp_path):
     out = tmp_path / "run"
     procs = launch(out, 100000, 2, free_port())

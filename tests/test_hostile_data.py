@@ -86,3 +86,12 @@ def test_packed_cifar100_archive_is_named(tmp_path, capsys):
     (root / "cifar-100-python.tar.gz").write_bytes(b"\x1f\x8b packed")
     one_line_error(capsys, main(["data", "check", "--dataset", "cifar-fs", "--root", str(root)]),
                    "cifar-100-python.tar.gz is still packed")
+
+
+def test_omniglot_image_size_too_small_for_the_backbone(tmp_path, capsys):
+    root = fx.omniglot(tmp_path / "d", fx.all_characters(fx.OMNIGLOT_SPLIT))
+    split = fx.write_split(tmp_path / "split.json", fx.OMNIGLOT_SPLIT, images_per_class=fx.PER_CLASS)
+    for size in ("1", "3"):
+        code = main(["train", "--dataset", "omniglot", "--data-root", str(root), "--split-file", str(split), *TRAIN,
+                     "--image-size", size, "--out", str(tmp_path / f"run{size}")])
+        one_line_error(capsys, code, "--image-size")
