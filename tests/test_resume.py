@@ -135,3 +135,19 @@ def test_stale_final_json_goes_when_a_resumed_run_stops(tmp_path):
     p = interrupted_run(["--resume", str(run), "--iterations", "6", "--no-progress"], "step", 1, "SIGTERM")
     assert p.returncode == 143, p.stderr
     assert not (run / "final.json").exists()  # a final.json of 4 iterations would pass for this unfinished run
+
+
+def test_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(tmp_path):
+    """Two SIGINTs within one step: no waiting for the step, no new checkpoint, the old one intact and resumable."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    args = [*SINUSOID, *COMMON]
+    assert main(["train", *args, "--out", str(ref)]) == 0
+    twice = WRAPPER.replace("os.kill(os.getpid(), sig)", "os.kill(os.getpid(), sig); os.kill(os.getpid(), sig)")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", twice, "step", "5", "SIGINT", "train", *args, "--out", str(run)],
+                       env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
+    assert "interrupted twice" in p.stdout
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["iteration"] == 3  # the periodic one
+    assert main(["train", "--resume", str(run)]) == 0
+    assert_same_run(ref, run)

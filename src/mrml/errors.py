@@ -17,6 +17,7 @@ class NonFiniteError(Exception):
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM: the CLI exits with 128 + the signal number (130, 143)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, forced: bool = False):
         super().__init__(signum)
         self.signum = signum
+        self.forced = forced  # a second Ctrl-C: stop now, without finishing the step or checkpointing

@@ -2,7 +2,7 @@
 
 The training loop runs under `deferred()`: a signal never lands mid-step or mid-write; the loop reads
 `pending()` where stopping is clean, and opens `interruptible()` windows (validation) where it may
-stop at once because nothing is half-done.
+stop at once because nothing is half-done. A second SIGINT while deferred stops at once, forced.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ _state = {"defer": False, "pending": None}
 def _handler(signum: int, frame: object) -> None:
     if _state["pending"] is None:
         _state["pending"] = signum
+    elif _state["defer"] and signum == signal.SIGINT:  # Ctrl-C twice: the user will not wait for the step
+        raise Interrupted(signum, forced=True)
     if not _state["defer"]:
         raise Interrupted(signum)
 

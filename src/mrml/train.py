@@ -5,7 +5,8 @@ augmentation (when on) from the counter position `(t * meta_batch + b) * ways`, 
 a distributed one) sees exactly the episodes of an uninterrupted single-process run.
 
 Stopping: SIGINT and SIGTERM end the current step (or abandon a validation, which the resumed run
-redoes first), write the checkpoint and exit 130/143 on every rank. A non-finite loss, gradient or
+redoes first), write the checkpoint and exit 130/143 on every rank; a second Ctrl-C stops at once,
+keeping the last checkpoint written. A non-finite loss, gradient or
 parameter stops the run (NonFiniteError, exit 3) with the last finite checkpoint kept.
 """
 from __future__ import annotations
@@ -378,7 +379,11 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
     except Interrupted as e:
         if bar is not None:
             bar.close()
-        if getattr(e, "reported", False):
+        if e.forced and ctx.is_main:
+            print(f"interrupted twice: stopped at once, the last checkpoint in {out} is kept; "
+                  f"continue with `mrml train --resume {out}`", file=stream)
+            e.reported = True  # type: ignore[attr-defined]
+        if getattr(e, "reported", False) or e.forced:
             raise
         stop(e.signum, "interrupted during validation")
     if bar is not None:
