@@ -4,8 +4,9 @@ Each rank takes the episodes b = rank, rank + P, ... of every meta-batch (the sa
 single process would draw), computes their meta-gradients scaled by 1/meta_batch, and the ranks
 sum them with one all-reduce: the result is the single-process mean. Every rank validates its share
 of the validation episodes (`gather_scores`), so none waits alone; rank 0 alone logs and checkpoints.
-At the end of each iteration the ranks agree on whether a signal asked them to stop (`agree_stop`). gloo on CPU, nccl on CUDA. A rank that dies makes the others fail with a clear
-error within `timeout` seconds instead of hanging.
+At the end of each iteration the ranks agree on whether a signal asked them to stop (`agree_stop`).
+gloo on CPU, nccl on CUDA. A rank that dies makes the others fail with a clear error within
+`timeout` seconds instead of hanging.
 """
 from __future__ import annotations
 

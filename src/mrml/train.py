@@ -6,8 +6,8 @@ a distributed one) sees exactly the episodes of an uninterrupted single-process 
 
 Stopping: SIGINT and SIGTERM end the current step (or abandon a validation, which the resumed run
 redoes first), write the checkpoint and exit 130/143 on every rank; a second Ctrl-C stops at once,
-keeping the last checkpoint written. A non-finite loss, gradient or
-parameter stops the run (NonFiniteError, exit 3) with the last finite checkpoint kept.
+keeping the last checkpoint written. A non-finite loss, gradient or parameter stops the run
+(NonFiniteError, exit 3) with the last finite checkpoint kept.
 """
 from __future__ import annotations
 
@@ -123,7 +123,6 @@ def seek_augmentation(source: Any, position: int) -> None:
         pre.calls = position
 
 
-
 def default_out(cfg: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.dataset}-{cfg.algo}-{cfg.ways}w{cfg.shots}s-{stamp}"
@@ -147,7 +146,7 @@ def prepare_out(out: Path, resume: bool) -> RunLock:
 
 
 class MetricsLog:
-    """metrics.jsonl (the source of truth, strict JSON: non-finite numbers as null), mirrored to TensorBoard when asked for."""
+    """metrics.jsonl (the source of truth; strict JSON, non-finite numbers as null), mirrored to TensorBoard if asked."""
 
     def __init__(self, path: Path, tensorboard: bool):
         self.path = path
