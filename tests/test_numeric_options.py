@@ -77,7 +77,7 @@ def test_every_eval_option(run_dir, capsys):
     assert {"--episodes", "--seed", "--test-steps", "--test-lr"} <= set(options)
     for option in options:
         for value in VALUES:
-            run(capsys, ["eval", str(run_dir), *without(EVAL, option), option, value], {0})
+            run(capsys, ["eval", str(run_dir), *without(EVAL, option), option, value], {0, 3})
 
 
 def test_every_bench_option(capsys, monkeypatch):

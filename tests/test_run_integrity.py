@@ -178,3 +178,22 @@ def test_eval_data_root_must_exist(tmp_path, capsys):
     capsys.readouterr()
     one_line(capsys, main(["eval", str(out), "--data-root", str(missing), "--episodes", "1"]), 2, str(missing))
     assert not missing.exists()
+
+
+def test_eval_with_a_diverging_test_lr_exits_3(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "1") == 0
+    capsys.readouterr()
+    one_line(capsys, main(["eval", str(out), "--episodes", "2", "--test-lr", "1e37", "--json"]), 3, "--test-lr")
+
+
+def test_glyph_cache_mode_follows_the_umask(tmp_path):
+    from mrml.data import glyphs
+
+    old = os.umask(0o022)
+    try:
+        glyphs.build_glyphs(root=tmp_path, samples=1, image_size=8)
+    finally:
+        os.umask(old)
+    (cache,) = tmp_path.glob("glyphs-*.npz")
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o644

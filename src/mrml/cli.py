@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -161,6 +162,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     result = run.test(ns.split, ns.episodes, ns.seed, progress=not ns.json)
     result.update(run_dir=str(ns.run_dir), iteration=state["iteration"], algo=cfg.algo, dataset=cfg.dataset,
                   test_steps=cfg.test_steps, test_lr=cfg.test_lr)
+    if not math.isfinite(result["loss"]):
+        raise NonFiniteError(f"{ns.split} loss is not finite: --test-lr {cfg.test_lr:g} (with --test-steps "
+                             f"{cfg.test_steps}) is likely too large")
     if ns.json:
         print(strict_dumps(result))
     elif result["accuracy"] is not None:
