@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 
 from .errors import UsageError
@@ -38,7 +39,10 @@ class RunLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 raise UsageError(f"{self.path.parent} is in use by another mrml train (pid {holder}): "
                                  "wait for it to finish or pick another --out") from None
-            raise
+            # a file system without flock (some network mounts): run unlocked, and say so
+            print(f"warning: cannot lock {self.path} ({e.strerror or e}); make sure no other run writes there",
+                  file=sys.stderr)
+            return self
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
