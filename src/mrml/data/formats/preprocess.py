@@ -23,6 +23,8 @@ class Preprocess:
 
     Augmentation draws from `numpy.random.default_rng([seed, call])`, `call` counting the batches this
     object has seen, so a run with the same seed and the same requests sees the same crops and flips.
+    Training sets `calls` to the episode's position before drawing it (`train.seek_augmentation`), so
+    the crops of an episode do not depend on the rank or on where a resumed run started.
     """
 
     size: int
