@@ -197,3 +197,13 @@ def test_glyph_cache_mode_follows_the_umask(tmp_path):
         os.umask(old)
     (cache,) = tmp_path.glob("glyphs-*.npz")
     assert stat.S_IMODE(cache.stat().st_mode) == 0o644
+
+
+def test_compare_skips_a_cut_off_non_utf8_last_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2") == 0
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'{"split": "train", "iteration": 3, "loss": 1.\xff')
+    capsys.readouterr()
+    assert main(["compare", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["iteration"] == 2

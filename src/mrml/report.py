@@ -90,16 +90,16 @@ def load_run(path: str | Path) -> RunRecords:
     metrics = path / "metrics.jsonl"
     if metrics.is_file():
         try:
-            lines = metrics.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read {metrics}: {getattr(e, 'strerror', None) or e}") from None
+            lines = metrics.read_bytes().splitlines()
+        except OSError as e:
+            raise UsageError(f"cannot read {metrics}: {e.strerror or e}") from None
         for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines):  # a line being written by a running `mrml train`
+                rec = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                if i == len(lines):  # a line being written by a running `mrml train`, or cut off by a full disk
                     break
                 raise UsageError(f"{metrics}, line {i}: not a JSON record") from None
             if not isinstance(rec, dict):
