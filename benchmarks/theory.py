@@ -106,7 +106,7 @@ def _settings(name: str, quick: bool, **overrides: Any) -> dict[str, Any]:
 
 # -- 1a. deterministic ridge ---------------------------------------------------------------------
 def _ridge_mrml(model: nn.Module, lam: float, **cfg: Any) -> MRML:
-    return MRML(model, "regression", AlgoConfig(inner="1", l2=lam, **cfg))
+    return MRML(model, "regression", AlgoConfig(inner="1", l2=lam, inner_solver="gd", implicit="cg", **cfg))
 
 
 def deterministic_ridge(quick: bool = False, **overrides: Any) -> dict[str, Any]:
@@ -180,7 +180,7 @@ class ConvergedHypergradient:
 
     def __init__(self, model: nn.Module, tasks: list[Episode], lam: float, mu: float, inner_lr: float,
                  steps: int, cg_steps: int, tol: float, max_rounds: int = 20):
-        self.algo = MRML(model, "classification", AlgoConfig(inner="head", l2=lam, inner_lr=inner_lr, inner_steps=steps,
+        self.algo = MRML(model, "classification", AlgoConfig(inner="head", l2=lam, inner_lr=inner_lr, inner_steps=steps, inner_solver="gd", implicit="cg",
                                                               cg_steps=cg_steps, cg_tol=1e-13, warm_start=True))
         self.tasks, self.ids, self.mu, self.tol, self.max_rounds = tasks, list(range(len(tasks))), mu, tol, max_rounds
         self.params = self.algo.outer_parameters()
@@ -213,7 +213,7 @@ def deterministic_conv(quick: bool = False, **overrides: Any) -> dict[str, Any]:
     tasks = image_tasks(s["tasks"], s["ways"], s["shots"], s["query"], s["size"], seed=s["seed"])
     ids = list(range(len(tasks)))
     model = small_conv_net(s["width"], s["ways"], s["size"], seed=s["seed"])
-    algo = MRML(model, "classification", AlgoConfig(inner="head", l2=s["lam"], inner_lr=s["inner_lr"],
+    algo = MRML(model, "classification", AlgoConfig(inner="head", l2=s["lam"], inner_lr=s["inner_lr"], inner_solver="gd", implicit="cg",
                                                     inner_steps=s["inner_steps"], cg_steps=s["cg_steps"], warm_start=True))
     true_grad = ConvergedHypergradient(model, tasks, s["lam"], s["mu"], s["inner_lr"], s["ref_steps"], s["ref_cg"], s["ref_tol"])
     opt = torch.optim.SGD(algo.outer_parameters(), lr=s["outer_lr"], weight_decay=s["mu"])

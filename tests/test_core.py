@@ -56,7 +56,7 @@ def test_exact_hypergradient_finite_differences_tiny_conv(tiny):
 
 def peak_mb(inner_steps: int, tiny) -> float:
     model = build_model("conv4", (1, 16, 16), 5, 16)
-    algo = MRML(model, "classification", AlgoConfig(inner_steps=inner_steps, cg_steps=10))
+    algo = MRML(model, "classification", AlgoConfig(inner_steps=inner_steps, cg_steps=10, inner_solver="gd", implicit="cg"))
     eps_ = [tiny.episode("train", 4, 2, 3, episode_rng(0, "train", i)) for i in range(2)]
     algo.meta_gradient(eps_)  # warm-up: gradient buffers exist before measuring
     with PeakMemoryMeter() as meter:
@@ -103,7 +103,7 @@ def test_splits_are_class_disjoint(tiny):
 
 def test_cg_statistics_reported(tiny):
     model = build_model("conv4", (1, 16, 16), 3, 4)
-    algo = MRML(model, "classification", AlgoConfig(inner_steps=5, cg_steps=7))
+    algo = MRML(model, "classification", AlgoConfig(inner_steps=5, cg_steps=7, inner_solver="gd", implicit="cg"))
     stats = algo.meta_gradient([tiny.episode("train", 3, 1, 2, np.random.default_rng(0))])
     assert 1 <= stats.extra["cg_iterations"] <= 7
     assert stats.extra["nonpositive_curvature"] == 0
