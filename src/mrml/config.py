@@ -25,7 +25,7 @@ class RunConfig:
     algo: str = "mrml"
     inner: str | None = None  # None: the algorithm's default (head for mrml)
     inner_steps: int = 20
-    inner_solver: str | None = None  # gd | newton (None: the algorithm's default: newton for mrml)
+    inner_solver: str | None = None  # gd | newton (None: the algorithm's default: newton for mrml's head)
     inner_tol: float = 1e-6
     implicit: str | None = None  # cg | direct | damped | neumann (None: direct for a linear head, else cg)
     learn_l2: bool = False

@@ -133,8 +133,16 @@ class MetaAlgorithm(abc.ABC):
         if self.config.l2 is None:
             self.config.l2 = self.default_l2
         cfg = self.config
-        if cfg.inner_solver is None:  # the task-batched path (chunks, amp, compile) runs the gd form
-            cfg.inner_solver = "gd" if cfg.batched and "gd" in self.inner_solvers else self.inner_solvers[0]
+        self.split: ModelSplit = split_model(model, cfg.inner, cfg.recompute_features)
+        self.prox = cfg.prox if cfg.prox is not None else not self.split.inner_is_last_stage
+        #: closed forms of a linear head (None when the inner part is anything else)
+        self.head: HeadLayout | None = (HeadLayout(self.split.inner_init())
+                                        if closed_form_head(self.split, self.loss.kind) else None)
+        if cfg.inner_solver is None:
+            # exact solves by default where the inner problem is the convex head; the task-batched path
+            # (chunks, amp, compile) and wider, non-convex inner parts run the gd form (see README)
+            exact_ok = self.head is not None and not cfg.batched
+            cfg.inner_solver = self.inner_solvers[0] if exact_ok or "gd" not in self.inner_solvers else "gd"
         if cfg.inner_solver not in self.inner_solvers:
             known = cfg.inner_solver in INNER_SOLVERS
             raise UsageError(f"{self.name} accepts --inner-solver {' or '.join(self.inner_solvers)}"
@@ -147,11 +155,6 @@ class MetaAlgorithm(abc.ABC):
                              "may have no minimiser; use --inner-solver gd for l2 = 0")
         if cfg.learn_l2 and not cfg.l2 > 0:
             raise UsageError(f"--learn-l2 starts from --l2 and needs it > 0 (got {cfg.l2})")
-        self.split: ModelSplit = split_model(model, cfg.inner, cfg.recompute_features)
-        self.prox = cfg.prox if cfg.prox is not None else not self.split.inner_is_last_stage
-        #: closed forms of a linear head (None when the inner part is anything else)
-        self.head: HeadLayout | None = (HeadLayout(self.split.inner_init())
-                                        if closed_form_head(self.split, self.loss.kind) else None)
         self.log_l2: nn.Parameter | None = None
         if cfg.learn_l2:
             ref = next(iter(self.split.inner_init().values()))

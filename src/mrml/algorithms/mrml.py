@@ -7,9 +7,12 @@ v ~ (d2g/dy2)^{-1} d_y f(x, y); then one backward pass of the surrogate f(x, y) 
 of inner or solver iterations, so memory is constant in both.
 
 The inner solver (`config.inner_solver`):
-- `newton` (default): solves the inner problem to `inner_tol` (closed-form Newton for a linear head,
-  Newton-CG otherwise). The implicit formula assumes d_y g(x, y) = 0: here it holds, so the estimate is
-  the hypergradient of Phi(x) = f(x, y*(x)), the paper's object, to solver accuracy.
+- `newton` (the default when the inner part is a linear head): solves the inner problem to `inner_tol`
+  (closed-form Newton for a linear head, Newton-CG with a line search otherwise). The implicit
+  formula assumes d_y g(x, y) = 0: here it holds, so the estimate is the hypergradient of
+  Phi(x) = f(x, y*(x)), the paper's object, to solver accuracy. For wider inner parts (last block,
+  whole network) the proximal inner problem is not convex and Newton-CG did not reach its tolerance
+  in 20 iterations on glyphs (README), so `gd` stays their default.
 - `gd`: Algorithm 1 as written: K gradient steps of size alpha (with the divergence guard). When K
   steps do not solve the inner problem (small lambda), the implicit formula is applied at a y_K it
   does not describe: at lambda = 0.01, K = 20 the estimate is several times too long (see
