@@ -14,6 +14,8 @@ Estimators (AlgoConfig(l2=lam, inner_steps=K, inner_lr=0.1, cg_steps=20) plus):
   mrml neumann   inner_solver="gd", implicit="neumann"  (K-term Neumann series)
   itd-bio        K unrolled head steps from the fixed head init
   anil           K unrolled head steps from the (learned) head init, l2 = lam
+                 (on the backbone this is itd-bio's gradient exactly: same inner loss, same init; the two
+                 differ only in the head init's own gradient, which is not compared)
 An estimator that needs AlgoConfig fields this version of mrml lacks is reported as n/a (the plain
 AlgoConfig of such a version is "mrml gd").
 
@@ -68,6 +70,8 @@ ESTIMATORS: dict[str, tuple[type[MetaAlgorithm], dict[str, Any]]] = {
     "itd-bio": (ITDBiO, {}),
     "anil": (ANIL, {}),
 }
+#: line style per estimator in the plot (anil dashed: on the backbone it coincides with itd-bio, see above)
+STYLE = {"mrml gd": "o-", "mrml exact": "s-", "mrml damped": "^-", "mrml neumann": "v-", "itd-bio": "D-", "anil": "x--"}
 TRAIN_ARGS = ["--dataset", "glyphs", "--algo", "mrml", "--ways", "5", "--shots", "1", "--iterations", "30",
               "--val-every", "1000", "--test-episodes", "50", "--threads", "1", "--seed", "0", "--no-progress"]
 
@@ -167,8 +171,8 @@ def markdown(rows: list[dict[str, Any]], models: dict[str, str]) -> str:
     """One table per model: rows (lam, estimator), columns K; cells 'cosine / relative error'."""
     out = []
     for name, desc in models.items():
-        out.append(f"**{desc}** — cosine / relative error to the exact hypergradient (backbone), "
-                   f"alpha = {INNER_LR}, N = {CG_STEPS}:\n")
+        out.append(f"**{desc}**: cosine / relative error of the estimate against the exact hypergradient over the "
+                   f"backbone (float64; alpha = {INNER_LR}, N = {CG_STEPS}; n/a: not in this version of mrml):\n")
         out.append("| lam | estimator | " + " | ".join(f"K={k}" for k in KS) + " |")
         out.append("|---|---|" + "---|" * len(KS))
         for lam in LAMS:
@@ -195,12 +199,13 @@ def plot(rows: list[dict[str, Any]], models: dict[str, str], path: Path) -> None
                 if not sel:
                     continue
                 ks = [r["K"] for r in sel]
-                axes[2 * i, j].semilogx(ks, [r["cosine"] for r in sel], "o-", ms=3, label=est)
-                axes[2 * i + 1, j].loglog(ks, [max(r["rel_error"], 1e-16) for r in sel], "o-", ms=3, label=est)
-            axes[2 * i, j].set(title=f"{desc}, lam={lam:g}", ylabel="cosine", xlabel="K (inner steps)")
+                axes[2 * i, j].semilogx(ks, [r["cosine"] for r in sel], STYLE[est], ms=4, label=est)
+                axes[2 * i + 1, j].loglog(ks, [max(r["rel_error"], 1e-16) for r in sel], STYLE[est], ms=4, label=est)
+            axes[2 * i, j].set(title=f"{name}: lam={lam:g}", ylabel="cosine", xlabel="K (inner steps)")
             axes[2 * i + 1, j].set(ylabel="relative error", xlabel="K (inner steps)")
             axes[2 * i + 1, j].axhline(1.0, color="gray", lw=0.6, ls=":")
     axes[0, 0].legend(fontsize=7)
+    fig.suptitle("; ".join(f"{k}: {v}" for k, v in models.items()), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
