@@ -107,7 +107,7 @@ def _settings(name: str, quick: bool, **overrides: Any) -> dict[str, Any]:
 
 # -- 1a. deterministic ridge ---------------------------------------------------------------------
 def _ridge_mrml(model: nn.Module, lam: float, **cfg: Any) -> MRML:
-    return MRML(model, "regression", AlgoConfig(inner="1", l2=lam, **cfg))
+    return MRML(model, "regression", AlgoConfig(inner="1", l2=lam, inner_solver="gd", implicit="cg", **cfg))
 
 
 def deterministic_ridge(quick: bool = False, **overrides: Any) -> dict[str, Any]:
@@ -194,7 +194,7 @@ def deterministic_conv(quick: bool = False, **overrides: Any) -> dict[str, Any]:
     tasks = image_tasks(s["tasks"], s["ways"], s["shots"], s["query"], s["size"], seed=s["seed"])
     ids = list(range(len(tasks)))
     model = small_conv_net(s["width"], s["ways"], s["size"], seed=s["seed"])
-    algo = MRML(model, "classification", AlgoConfig(inner="head", l2=s["lam"], inner_lr=s["inner_lr"],
+    algo = MRML(model, "classification", AlgoConfig(inner="head", l2=s["lam"], inner_lr=s["inner_lr"], inner_solver="gd", implicit="cg",
                                                     inner_steps=s["inner_steps"], cg_steps=s["cg_steps"], warm_start=True))
     true_grad = TrueHypergradient(model, tasks, s["lam"], s["mu"])
     opt = torch.optim.SGD(algo.outer_parameters(), lr=s["outer_lr"], weight_decay=s["mu"])

@@ -22,7 +22,7 @@ def test_exact_hypergradient_finite_differences_tiny_conv(tiny):
     """Algorithm 1 with y_K = y* (K large, lam = 1) against central differences of Phi(x) = mean f(x, y*(x)),
     y* from the independent reference (`mrml.reference`: Newton, none of mrml's inner loop)."""
     model = tiny_net()
-    cfg = AlgoConfig(inner_steps=200, inner_lr=0.5, l2=1.0, cg_steps=100, cg_tol=1e-14)
+    cfg = AlgoConfig(inner_steps=200, inner_lr=0.5, l2=1.0, cg_steps=100, cg_tol=1e-14, inner_solver="gd", implicit="cg")
     algo = MRML(model, "classification", cfg)
     eps_ = [tiny.episode("train", 3, 2, 3, episode_rng(0, "train", i)).to("cpu", torch.float64) for i in range(2)]
     algo.meta_gradient(eps_)
@@ -48,7 +48,7 @@ def test_exact_hypergradient_finite_differences_tiny_conv(tiny):
 
 def peak_mb(inner_steps: int, tiny) -> float:
     model = build_model("conv4", (1, 16, 16), 5, 16)
-    algo = MRML(model, "classification", AlgoConfig(inner_steps=inner_steps, cg_steps=10))
+    algo = MRML(model, "classification", AlgoConfig(inner_steps=inner_steps, cg_steps=10, inner_solver="gd", implicit="cg"))
     eps_ = [tiny.episode("train", 4, 2, 3, episode_rng(0, "train", i)) for i in range(2)]
     algo.meta_gradient(eps_)  # warm-up: gradient buffers exist before measuring
     with PeakMemoryMeter() as meter:
@@ -95,7 +95,7 @@ def test_splits_are_class_disjoint(tiny):
 
 def test_cg_statistics_reported(tiny):
     model = build_model("conv4", (1, 16, 16), 3, 4)
-    algo = MRML(model, "classification", AlgoConfig(inner_steps=5, cg_steps=7))
+    algo = MRML(model, "classification", AlgoConfig(inner_steps=5, cg_steps=7, inner_solver="gd", implicit="cg"))
     stats = algo.meta_gradient([tiny.episode("train", 3, 1, 2, np.random.default_rng(0))])
     assert 1 <= stats.extra["cg_iterations"] <= 7
     assert stats.extra["nonpositive_curvature"] == 0
