@@ -181,6 +181,9 @@ def markdown(rows: list[dict[str, Any]], models: dict[str, str]) -> str:
                                     and r["estimator"] == est)) for k in KS]
                 out.append(f"| {lam:g} | {est} | " + " | ".join(cells) + " |")
         out.append("")
+    out.append("anil coincides with itd-bio on the backbone (same inner loss and head init; only the head init's own "
+               "gradient differs). mrml exact: Newton stops at `inner_tol` (relative) or after K iterations, whichever "
+               "comes first; the other mrml rows start from the head init and take K guarded gradient steps.\n")
     return "\n".join(out)
 
 

@@ -130,3 +130,27 @@ def test_itd_bio_converges_to_reference_as_k_grows(tiny):
         errors.append(compare(backbone_grad(model), exact)[0])
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[0] > 1e-2 and errors[-1] < 1e-8, errors
+
+
+def test_estimator_benchmark_sweep_writes_table_and_plot(tiny, tmp_path, monkeypatch):
+    """benchmarks/estimator.py on a tiny net, one K and one lam: every estimator measured (the inner-solver
+    fields exist), mrml exact within 1e-5 of the reference, the table and the plot written."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "estimator.py"
+    spec = importlib.util.spec_from_file_location("mrml_benchmarks_estimator", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "KS", [10])
+    monkeypatch.setattr(bench, "LAMS", [0.1])
+    rows = bench.sweep("tiny", tiny_conv(4), tiny_episodes(tiny, 4), log=lambda *_: None)
+    assert [r["estimator"] for r in rows] == list(bench.ESTIMATORS)
+    by = {r["estimator"]: r for r in rows}
+    assert all(r["cosine"] is not None and -1 <= r["cosine"] <= 1 + 1e-12 for r in rows)
+    assert by["mrml exact"]["rel_error"] < 1e-5 and by["mrml gd"]["rel_error"] > 1e-3
+    assert by["anil"]["rel_error"] == pytest.approx(by["itd-bio"]["rel_error"], rel=1e-9)
+    md = bench.markdown(rows, {"tiny": "tiny conv"})
+    assert "| 0.1 | mrml exact |" in md and "K=10" in md
+    bench.plot(rows, {"tiny": "tiny conv"}, tmp_path / "e.png")
+    assert (tmp_path / "e.png").read_bytes().startswith(b"\x89PNG")
