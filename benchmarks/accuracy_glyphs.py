@@ -36,12 +36,13 @@ SWEEP = ["mrml@l2=0.1", "mrml@l2=1", "itd-bio@l2=0.1", "itd-bio@l2=1"]
 
 
 def settings_of(name: str) -> tuple[str, list[str]]:
-    """"ALGO" or "ALGO@key=value+key=value": the algorithm and its `mrml train` options."""
+    """"ALGO" or "ALGO@key=value+key=value": the algorithm and its `mrml train` options (`key=true`: a
+    flag without value, e.g. `mrml@learn_l2=true`)."""
     algo, _, rest = name.partition("@")
     extra = []
     for kv in filter(None, rest.split("+")):
         k, v = kv.split("=", 1)
-        extra += ["--" + k.replace("_", "-"), v]
+        extra += ["--" + k.replace("_", "-")] + ([] if v == "true" else [v])
     return algo, SETTINGS[algo] + extra
 
 

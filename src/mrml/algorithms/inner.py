@@ -6,9 +6,12 @@
   products (stopped at non-positive curvature, falling back to the gradient), with the same line
   search.
 
-Both stop when ||d_y g(y)|| <= tol * max(1, ||d_y g(y_0)||), after `max_iter` iterations (reported
-as capped), or when the line search finds no decrease (reported as stalled: the tolerance is below
-what the dtype resolves).
+Both stop when ||d_y g(y)|| <= tol * max(1, ||d_y g(y_0)||), or after `max_iter` iterations (reported
+as capped). Once the Newton decrement <d_y g, H^{-1} d_y g>/2 -- the decrease a full step would
+bring -- is below 64 units of rounding of g, the value of g can no longer judge a step: full steps
+are taken without line search (the quadratic-convergence regime) while they at least halve
+||d_y g||; when one does not, the solve ends there (converged as far as the dtype resolves). A line
+search that finds no decrease ends the solve too (reported as stalled).
 """
 from __future__ import annotations
 
@@ -58,9 +61,18 @@ def newton_head(problem: LinearHeadLoss, w0: torch.Tensor, max_iter: int, tol: f
     gnorm0 = float(grad.norm())
     target = tol * max(1.0, gnorm0)
     gnorm, it, stalled = gnorm0, 0, False
+    floor = 64.0 * torch.finfo(w.dtype).eps
     while gnorm > target and it < max_iter:
         d = problem.solve(w, grad)
         slope = float((grad * d).sum())
+        if 0 < slope <= 2 * floor * max(1.0, abs(float(g))):  # g cannot judge the step: take it whole
+            wn = w - d
+            gn, gradn = problem.value_grad(wn)
+            if not float(gradn.norm()) <= 0.5 * gnorm:
+                target = gnorm  # rounding floor reached
+                break
+            w, g, grad, gnorm, it = wn, gn, gradn, float(gradn.norm()), it + 1
+            continue
         if not slope > 0:  # rounding made the Newton direction useless: take the gradient
             d, slope = grad, float((grad * grad).sum())
         found = _line_search(lambda x: float(problem.value(x)), w, d, float(g), slope)
@@ -82,6 +94,7 @@ def newton_cg(value_and_grad: Callable[[torch.Tensor, bool], tuple[torch.Tensor,
     g, grad = value_and_grad(y, False)
     gnorm0 = float(grad.norm())
     target = tol * max(1.0, gnorm0)
+    floor = 64.0 * torch.finfo(y.dtype).eps
     gnorm, it, stalled = gnorm0, 0, False
     while gnorm > target and it < max_iter:
         yr = y.detach().requires_grad_(True)
@@ -94,6 +107,14 @@ def newton_cg(value_and_grad: Callable[[torch.Tensor, bool], tuple[torch.Tensor,
             d, _ = conjugate_gradient(hvp, grad, max(cg_steps, 1), tol=1e-2 * min(1.0, gnorm))
         del gr
         slope = float((grad * d).sum())
+        if 0 < slope <= 2 * floor * max(1.0, abs(float(g))):  # g cannot judge the step: take it whole
+            yn = y - d
+            gn, gradn = value_and_grad(yn, False)
+            if not float(gradn.norm()) <= 0.5 * gnorm:
+                target = gnorm  # rounding floor reached
+                break
+            y, g, grad, gnorm, it = yn, gn, gradn, float(gradn.norm()), it + 1
+            continue
         if not slope > 0:  # CG met negative curvature at once: steepest descent
             d, slope = grad, float((grad * grad).sum())
 
