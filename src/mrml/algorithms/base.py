@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
 
@@ -143,6 +144,9 @@ class MetaAlgorithm(abc.ABC):
             # (chunks, amp, compile) and wider, non-convex inner parts run the gd form (see README)
             exact_ok = self.head is not None and not cfg.batched
             cfg.inner_solver = self.inner_solvers[0] if exact_ok or "gd" not in self.inner_solvers else "gd"
+            if cfg.batched and self.head is not None and self.inner_solvers[0] != "gd":
+                warnings.warn(f"{self.name}: --task-chunk/--amp/--compile run Algorithm 1's gradient-descent form "
+                              "(K steps + CG); the exact inner solve is per-task only", stacklevel=2)
         if cfg.inner_solver not in self.inner_solvers:
             known = cfg.inner_solver in INNER_SOLVERS
             raise UsageError(f"{self.name} accepts --inner-solver {' or '.join(self.inner_solvers)}"
