@@ -56,11 +56,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "paper": {"inner_solver": "gd", "implicit": "cg"},  # mrml: Algorithm 1 as written (K gd steps, N CG steps)
     "recompute": {"recompute_features": True, "inner_solver": "gd", "implicit": "cg"},
     "last-block": {"inner": "last-block"},
+    "last-block-newton": {"inner": "last-block", "inner_solver": "newton"},  # exact (Newton-CG) solve of the proximal problem
     "all": {"inner": "all"},
 }
 # variants beyond "default" that make sense for an algorithm (others: "default" only)
 APPLICABLE: dict[str, tuple[str, ...]] = {
-    "mrml": ("default", "paper", "recompute", "last-block", "all"),
+    "mrml": ("default", "paper", "recompute", "last-block", "last-block-newton", "all"),
     "anil": ("default", "recompute"),
     "itd-bio": ("default", "recompute"),
 }
@@ -650,7 +651,7 @@ def add_commands(subparsers: Any, commands: dict[str, Callable[[argparse.Namespa
                    "the floor is always measured")
     m.add_argument("--steps", default=DEFAULT_STEPS, help=f"comma-separated inner steps K (default {DEFAULT_STEPS})")
     m.add_argument("--variants", default=None, help="comma-separated: default, recompute (mrml, anil, itd-bio), "
-                   "paper, last-block, all (mrml); default: every variant that applies")
+                   "paper, last-block, last-block-newton, all (mrml); default: every variant that applies")
     m.add_argument("--skip", default=None, metavar="ALGO[/VARIANT]:K,...",
                    help="configurations not to measure, e.g. maml:100 (too slow on a small machine)")
     m.add_argument("--json", default=None, metavar="OUT.json", help="write settings, records and targets here")
