@@ -2,7 +2,8 @@
 the same 600 seeded test episodes. Writes benchmarks/results/accuracy_glyphs.{json,md} and the
 README table between the `accuracy-table` markers.
 
-    python benchmarks/accuracy_glyphs.py [--iterations 200] [--meta-batch 4] [--algos mrml,maml,...]
+    python benchmarks/accuracy_glyphs.py [--iterations 200] [--meta-batch 4] [--algos mrml,maml,...] [--seed S]
+    python benchmarks/accuracy_glyphs.py --table-only --seeds 0,1 [--readme]   # mean of seeds
 
 Each run is a fresh `mrml train` process (so peak memory is its own); run folders go to
 benchmarks/runs/ (not committed).
@@ -33,15 +34,19 @@ SETTINGS: dict[str, list[str]] = {
 # The inner regulariser swept for the two head-only, l2-regularised methods (the rows "ALGO@l2=V"):
 # implicit differentiation assumes the inner problem solved, which a larger l2 makes true in K steps.
 SWEEP = ["mrml@l2=0.1", "mrml@l2=1", "itd-bio@l2=0.1", "itd-bio@l2=1"]
+# mrml's other forms: the paper's (K gd steps + CG), the K-step systems, a learned lambda
+MRML_ROWS = ["mrml@preset=paper", "mrml@inner_solver=gd+implicit=damped", "mrml@inner_solver=gd+implicit=neumann",
+             "mrml@learn_l2=true+l2=0.1"]
 
 
 def settings_of(name: str) -> tuple[str, list[str]]:
-    """"ALGO" or "ALGO@key=value+key=value": the algorithm and its `mrml train` options."""
+    """"ALGO" or "ALGO@key=value+key=value": the algorithm and its `mrml train` options (`key=true`: a
+    flag without value, e.g. `mrml@learn_l2=true`)."""
     algo, _, rest = name.partition("@")
     extra = []
     for kv in filter(None, rest.split("+")):
         k, v = kv.split("=", 1)
-        extra += ["--" + k.replace("_", "-"), v]
+        extra += ["--" + k.replace("_", "-")] + ([] if v == "true" else [v])
     return algo, SETTINGS[algo] + extra
 
 
@@ -84,13 +89,38 @@ def run_one(name: str, shots: int, args: argparse.Namespace) -> dict:
     return final
 
 
+def cell(r: dict | None) -> str:
+    return f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}" if r else "-"
+
+
+def mean_of_seeds(rows: list[dict]) -> dict:
+    """One row from the same configuration trained with several seeds: mean accuracy, and the 95% CI of
+    that mean over all their test episodes, sqrt(sum ci_s^2) / S (the spread between training seeds
+    is shown beside it, not folded in); mean validation, s/iter and peak MiB."""
+    n = len(rows)
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {"algo": rows[0]["algo"], "shots": rows[0]["shots"], "seeds": [r["seed"] for r in rows],
+            "per_seed": [round(r["accuracy"], 6) for r in rows], "accuracy": mean("accuracy"),
+            "ci95": sum(r["ci95"] ** 2 for r in rows) ** 0.5 / n, "validation": mean("validation"),
+            "seconds_per_iteration": mean("seconds_per_iteration"), "peak_mb": max(r["peak_mb"] for r in rows),
+            "episodes": sum(r["episodes"] for r in rows)}
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| algorithm | 5-way 1-shot | 5-way 5-shot | validation (1 / 5-shot) | s/iter (1 / 5-shot) "
-             "| peak MiB (1 / 5-shot) |", "|---|---|---|---|---|---|"]
+    multi = any(len(r.get("seeds", [])) > 1 for r in rows)
+    head = "| algorithm | 5-way 1-shot | 5-way 5-shot |" + (" per seed (1 / 5-shot) |" if multi else "")
+    lines = [head + " validation (1 / 5-shot) | s/iter (1 / 5-shot) | peak MiB (1 / 5-shot) |",
+             "|---|---|---|" + ("---|" if multi else "") + "---|---|---|"]
     by = {(r["algo"], r["shots"]): r for r in rows}
     for algo in dict.fromkeys(r["algo"] for r in rows):
         rs = [by.get((algo, shots)) for shots in (1, 5)]
-        cells = [f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}" if r else "-" for r in rs]
+        cells = [cell(r) for r in rs]
+        if multi:
+            cells.append(" / ".join(", ".join(f"{100 * a:.2f}" for a in r["per_seed"]) if r else "-" for r in rs))
         cells.append(" / ".join(f"{100 * r['validation']:.1f}" if r and r.get("validation") else "-" for r in rs))
         cells.append(" / ".join(f"{r['seconds_per_iteration']:.2f}" if r else "-" for r in rs))
         cells.append(" / ".join(f"{r['peak_mb']:.1f}" if r else "-" for r in rs))
@@ -112,44 +142,58 @@ def code_version() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--algos", default=",".join([*SETTINGS, *SWEEP]),
-                   help="comma-separated ALGO or ALGO@option=value+option=value entries (default: every algorithm and the l2 sweep)")
+    p.add_argument("--algos", default=",".join([*SETTINGS, *MRML_ROWS, *SWEEP]),
+                   help="comma-separated ALGO or ALGO@option=value+option=value entries (default: every algorithm, "
+                        "mrml's forms and the l2 sweep)")
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--meta-batch", type=int, default=4)
     p.add_argument("--episodes", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed of the runs to make")
+    p.add_argument("--seeds", default=None,
+                   help="with --table-only: comma-separated seeds whose finished runs are averaged (mean of seeds)")
     p.add_argument("--shots", default="1,5", help="comma-separated shots to run (results of both are tabled)")
     p.add_argument("--table-only", action="store_true", help="only gather finished runs into the table")
     p.add_argument("--force", action="store_true", help="rerun runs that already finished")
     p.add_argument("--readme", action="store_true", help="also write the table into README.md")
     args = p.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    if len(seeds) > 1 and not args.table_only:
+        p.error("--seeds averages finished runs: use it with --table-only (make runs with --seed)")
     rows = []
     todo = [int(s) for s in args.shots.split(",")]
     for shots in (1, 5):
         for algo in args.algos.split(","):
-            done = run_dir(algo, shots, args.iterations, args.seed) / "final.json"
-            if shots not in todo or args.table_only:
-                if not done.exists():
-                    continue
-                f = json.loads(done.read_text())
-            else:
-                f = run_one(algo, shots, args)
-            f["validation"] = validation_accuracy(done.parent)
-            rows.append({"algo": algo, "shots": shots, **{k: f.get(k) for k in ("validation",
-                "accuracy", "ci95", "episodes", "seconds_per_iteration", "peak_mb", "seconds", "wall_seconds", "command", "code")}})
-            print(f"{algo:9s} 5w{shots}s  {100 * f['accuracy']:.2f} ± {100 * f['ci95']:.2f}  "
-                  f"{f['seconds_per_iteration']:.3f} s/it  {f['peak_mb']} MiB", flush=True)
+            per_seed = []
+            for seed in seeds:
+                done = run_dir(algo, shots, args.iterations, seed) / "final.json"
+                if shots not in todo or args.table_only:
+                    if not done.exists():
+                        continue
+                    f = json.loads(done.read_text())
+                else:
+                    args.seed = seed
+                    f = run_one(algo, shots, args)
+                f["validation"] = validation_accuracy(done.parent)
+                per_seed.append({"algo": algo, "shots": shots, "seed": seed, **{k: f.get(k) for k in ("validation",
+                    "accuracy", "ci95", "episodes", "seconds_per_iteration", "peak_mb", "seconds", "wall_seconds", "command", "code")}})
+                print(f"{algo:9s} 5w{shots}s seed {seed}  {100 * f['accuracy']:.2f} ± {100 * f['ci95']:.2f}  "
+                      f"{f['seconds_per_iteration']:.3f} s/it  {f['peak_mb']} MiB", flush=True)
+            if len(seeds) > 1 and len(per_seed) == len(seeds):
+                rows.append({**mean_of_seeds(per_seed), "runs": per_seed})
+            elif len(seeds) == 1 and per_seed:
+                rows.append(per_seed[0])
     settings = {"dataset": "glyphs", "ways": 5, "query": 15, "iterations": args.iterations,
-                "meta_batch": args.meta_batch, "test_episodes": args.episodes, "seed": args.seed,
-                "per_algorithm": SETTINGS, "sweep": SWEEP}
+                "meta_batch": args.meta_batch, "test_episodes": args.episodes, "seeds": seeds,
+                "per_algorithm": SETTINGS, "mrml_rows": MRML_ROWS, "sweep": SWEEP}
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    stem = "accuracy_glyphs" + (f"_seed{args.seed}" if args.seed else "")
+    stem = "accuracy_glyphs" + ("_seeds" + "".join(map(str, seeds)) if len(seeds) > 1 else
+                                (f"_seed{seeds[0]}" if seeds[0] else ""))
     (results / f"{stem}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     table = markdown(rows)
     (results / f"{stem}.md").write_text(table + "\n")
     print(table)
-    if args.readme and args.seed == 0:
+    if args.readme:
         readme = ROOT / "README.md"
         text = readme.read_text()
         start, end = "<!-- accuracy-table -->", "<!-- /accuracy-table -->"

@@ -22,6 +22,7 @@ def make(dtype=torch.float64, backbone="conv4", width=4, shape=(1, 16, 16), **cf
     torch.manual_seed(0)
     model = build_model(backbone, shape, 3, width).to(dtype)
     torch.nn.init.normal_(model.head.weight, std=0.1)  # a non-trivial head init
+    cfg = {"inner_solver": "gd", "implicit": "cg", **cfg}  # the batched path runs Algorithm 1's gd form
     return model, MRML(model, "classification", AlgoConfig(**cfg))
 
 
@@ -134,7 +135,7 @@ def test_trunk_of_unknown_modules_is_vmapped_and_running_stats_fall_back(tiny):
 
     eps = episodes(tiny, n=3)
     ref_model, model = running_stats_net(), running_stats_net()
-    s0 = MRML(ref_model, "classification", AlgoConfig(cg_steps=3)).meta_gradient(eps)
+    s0 = MRML(ref_model, "classification", AlgoConfig(cg_steps=3, inner_solver="gd", implicit="cg")).meta_gradient(eps)
     with pytest.warns(UserWarning, match="running statistics"):
         s1 = MRML(model, "classification", AlgoConfig(cg_steps=3, task_chunk=2)).meta_gradient(eps)
     assert_grads_close(ref_model, model, 1e-12)
@@ -199,7 +200,7 @@ def test_regression_mlp_batched_equals_per_task():
     for chunk in (1, 3):
         torch.manual_seed(0)
         model = build_model("mlp", (1,), 1, 16).to(torch.float64)
-        algo = MRML(model, "regression", AlgoConfig(inner_steps=10, l2=0.1, cg_steps=60, cg_tol=1e-13,
+        algo = MRML(model, "regression", AlgoConfig(inner_steps=10, l2=0.1, cg_steps=60, cg_tol=1e-13, inner_solver="gd", implicit="cg",
                                                      task_chunk=chunk))
         models.append((model, algo.meta_gradient(eps)))
     assert isinstance(getattr(algo, "_task_batched", None), TaskBatched)

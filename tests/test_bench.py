@@ -100,9 +100,12 @@ def test_targets_and_lines():
     recs = [r("floor", "default", None, 48.7, 0.1), r("mrml", "default", 1, 48.8, 0.2), r("mrml", "default", 20, 48.8, 0.2),
             r("mrml", "default", 100, 48.8, 0.2), r("maml", "default", 20, 855.0, 3.0), r("anil", "default", 20, 48.7, 0.1),
             r("anil", "recompute", 20, 480.0, 1.0), r("mrml", "recompute", 20, 48.7, 1.0),
-            {**r("mrml", "all", 1, None, None), "error": "boom"}]
+            r("mrml", "paper", 20, 48.0, 0.3), {**r("mrml", "all", 1, None, None), "error": "boom"}]
     ts = {t["name"]: t for t in bench.targets(recs)}
-    assert len(ts) == 6  # "all" has no usable records
+    assert len(ts) == 8  # "all" has no usable records
+    assert ts["mrml seconds at K=20 / floor seconds"]["value"] == 2.0
+    assert ts["mrml peak / mrml paper form (gd + CG) peak at K=20"]["value"] == pytest.approx(48.8 / 48.0, abs=1e-4)
+    assert ts["mrml peak / mrml paper form (gd + CG) peak at K=20"]["pass"] is (48.8 / 48.0 <= 1.02)
     assert ts["mrml peak K=100 / K=1 (head only, flat in K)"]["pass"]
     assert ts["mrml seconds / efficient ANIL seconds at K=20"]["value"] == 2.0
     assert not ts["mrml seconds / efficient ANIL seconds at K=20"]["pass"]
@@ -113,7 +116,7 @@ def test_targets_and_lines():
 def test_plan_variants_and_skip():
     jobs = bench.plan(["mrml", "maml"], None, [1, 5], bench.parse_skip("maml:5", ["mrml", "maml"]))
     assert jobs[0] == ("floor", "default", None)
-    assert {(a, v) for a, v, _ in jobs} == {("floor", "default"), ("mrml", "default"), ("mrml", "recompute"),
+    assert {(a, v) for a, v, _ in jobs} == {("floor", "default"), ("mrml", "default"), ("mrml", "paper"), ("mrml", "recompute"), ("mrml", "last-block-newton"),
                                             ("mrml", "last-block"), ("mrml", "all"), ("maml", "default")}
     assert ("maml", "default", 5) not in jobs and ("maml", "default", 1) in jobs
 

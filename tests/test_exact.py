@@ -11,7 +11,8 @@ LAM = 0.5
 
 
 def mrml_for(model, **kw) -> MRML:
-    cfg = AlgoConfig(inner="1", l2=LAM, inner_lr=0.1, inner_steps=kw.pop("inner_steps", 400), cg_steps=kw.pop("cg_steps", 10), **kw)
+    cfg = AlgoConfig(inner="1", l2=LAM, inner_lr=0.1, inner_steps=kw.pop("inner_steps", 400), cg_steps=kw.pop("cg_steps", 10),
+                     inner_solver="gd", implicit="cg", **kw)  # Algorithm 1 as written
     return MRML(model, "regression", cfg)
 
 

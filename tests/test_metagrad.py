@@ -3,11 +3,13 @@
 - unrolled (maml, anil, itd-bio): finite differences of the query loss after K inner steps, computed
   by an independent reference (functional_call on the whole model, no split);
 - implicit (mrml, imaml): finite differences of f(x, y*(x)), y* recomputed at x +- eps by many
-  inner steps on a strongly convex inner problem; closed forms on linear/ridge regression;
+  inner steps on a strongly convex inner problem (lam = 2, where y_K = y*), or, at small lam, by the
+  independent reference's Newton (`mrml.reference`); closed forms on linear/ridge regression;
 - first order (fomaml, reptile): their documented formulas; protonet: finite differences of its loss.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -21,6 +23,7 @@ from mrml.algorithms import ALGORITHMS, AlgoConfig, build_algorithm
 from mrml.data.base import Episode
 from mrml.errors import UsageError
 from mrml.models.backbones import FewShotNet, conv_block
+from mrml.reference import exact_hypergradient, objective
 from ridge import ridge_model, ridge_tasks, true_hypergradient
 
 DT = torch.float64
@@ -377,6 +380,40 @@ def test_metagrad_implicit_matches_finite_differences(name, inner_spec):
     params = params_of(model)
     err = fd_directional(lambda p: implicit_objective(model, p, tasks, inner, lam, prox, steps, lr), params, outer, grad, n_random=1)
     assert err < 1e-6, err
+
+
+def with_params(model: nn.Module, params: dict[str, torch.Tensor]) -> nn.Module:
+    m = copy.deepcopy(model)
+    m.load_state_dict(params, strict=False)
+    return m
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.01])
+def test_metagrad_mrml_small_lam_exact_inner_solver_matches_finite_differences(lam):
+    """At small lam, K gradient steps stop far from y* (the test above uses lam = 2, where y_K = y*). With
+    the exact inner solver (inner_solver="newton") mrml's meta-gradient is the hypergradient of
+    f(x, y*(x)): central differences of Phi with y* from the independent reference's Newton. Algorithm 1
+    as written (inner_solver="gd", K = 60) keeps its known bias here: the implicit formula at y_K != y*."""
+    model, tasks = smooth_net(), image_tasks(2, size=8, seed=4)
+    inner = head_names(model)
+    outer = [n for n in all_names(model) if n not in inner]
+    params = params_of(model)
+    phi = lambda p: objective(with_params(model, p), tasks, "classification", lam)  # noqa: E731
+    exact = exact_hypergradient(model, tasks, "classification", lam).flat(outer)
+    assert fd_directional(phi, params, outer, exact, n_random=1) < 1e-7  # the reference itself
+
+    cfg = AlgoConfig(inner="head", l2=lam, inner_solver="newton", inner_tol=1e-12, inner_steps=50, cg_steps=200,
+                     cg_tol=1e-14)
+    build_algorithm("mrml", model, "classification", cfg).meta_gradient(tasks)
+    grad = grads_of(model, outer)
+    assert rel(grad, exact) < 1e-8, rel(grad, exact)
+    err = fd_directional(phi, params, outer, grad, n_random=1)
+    assert err < 1e-6, err
+
+    gd = AlgoConfig(inner="head", l2=lam, inner_solver="gd", implicit="cg", inner_lr=0.3, inner_steps=60, cg_steps=200,
+                    cg_tol=1e-14)
+    build_algorithm("mrml", model, "classification", gd).meta_gradient(tasks)
+    assert rel(grads_of(model, outer), exact) > 1e-2, rel(grads_of(model, outer), exact)
 
 
 def test_metagrad_mrml_wide_inner_runs_on_conv4_blocks():

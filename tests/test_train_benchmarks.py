@@ -41,3 +41,4 @@ def test_preset_prints_resolved_settings(tmp_path, capsys):
     assert printed.startswith("preset cifar-fs for mrml: ")
     shown = json.loads(printed.splitlines()[0].split(": ", 1)[1])
     assert shown["outer_lr"] == 1e-4 and shown["inner_lr"] == 0.1 and shown["ways"] == 3  # flag beats preset
+    assert shown["inner_solver"] == "gd" and shown["implicit"] == "cg"  # the paper's form of Algorithm 1

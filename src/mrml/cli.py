@@ -42,7 +42,8 @@ TRAIN_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "task_chunk": (int, "tasks per batched (vmap) pass of mrml; 1 (default): one at a time (best on CPU)"),
     "amp": (str, "mixed precision for the backbone: bf16 or fp16 (CUDA; CG stays float32)"),
     "threads": (int, "CPU threads for torch (default: one per core; 1 is faster when other jobs share the cores)"),
-    "preset": (str, "the authors' settings: cifar-fs, fc100, mini-imagenet, tiered-imagenet"),
+    "preset": (str, "the authors' settings: cifar-fs, fc100, mini-imagenet, tiered-imagenet; paper: mrml in the "
+                    "paper's form (gd inner steps, CG) on any dataset"),
     "optimizer": (str, "outer optimizer: adam (default) or sgd"),
     "test_steps": (int, "head adaptation steps at test time"),
     "test_lr": (float, "head adaptation step size at test time"),
@@ -52,6 +53,10 @@ TRAIN_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "test_episodes": (int, "episodes of the final meta-test"),
     "checkpoint_every": (int, "iterations between checkpoints"),
     "dist_timeout": (float, "seconds a distributed process waits for the others before failing (torchrun runs)"),
+    "inner_solver": (str, "inner solver: newton (mrml's default: solved to --inner-tol, --inner-steps the cap) or gd "
+                          "(K gradient steps: Algorithm 1 as written)"),
+    "inner_tol": (float, "exact inner solve stops at ||d_y g|| <= tol * max(1, ||d_y g(y_0)||)"),
+    "implicit": (str, "implicit system: direct (linear head) | cg | damped | neumann (see README)"),
 }
 TRAIN_FLAGS = {
     "warm_start": "keep each task's inner solution and CG vector across iterations (fixed task sets)",
@@ -62,6 +67,7 @@ TRAIN_FLAGS = {
     "compile": "torch.compile the backbone (falls back to eager with a warning where it cannot)",
     "tensorboard": "also log to TensorBoard in OUT/tensorboard (needs the tensorboard package)",
     "rotations": "add 90/180/270-degree rotations of each class as new classes (image datasets)",
+    "learn_l2": "learn lambda (log-parametrised) as an outer variable, starting from --l2",
 }
 
 
@@ -156,6 +162,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     run = build_run(cfg)
     try:
         run.model.load_state_dict(state["model"])
+        run.algo.load_state_dict(state.get("algo") or {})  # e.g. a learned lambda
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{Path(ns.run_dir) / 'checkpoint.pt'} does not fit the model its config builds "
                          f"({' '.join(str(e).split())[:160]}): is it damaged?") from None
@@ -163,8 +170,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     result.update(run_dir=str(ns.run_dir), iteration=state["iteration"], algo=cfg.algo, dataset=cfg.dataset,
                   test_steps=cfg.test_steps, test_lr=cfg.test_lr)
     if not math.isfinite(result["loss"]):
-        raise NonFiniteError(f"{ns.split} loss is not finite: --test-lr {cfg.test_lr:g} (with --test-steps "
-                             f"{cfg.test_steps}) is likely too large")
+        from .train import likely_cause
+
+        solver = getattr(getattr(run.algo, "config", None), "inner_solver", "gd")
+        raise NonFiniteError(f"{ns.split} loss is not finite: {likely_cause(cfg, 'test', solver)}")
     if ns.json:
         print(strict_dumps(result))
     elif result["accuracy"] is not None:

@@ -26,6 +26,10 @@ class RunConfig:
     algo: str = "mrml"
     inner: str | None = None  # None: the algorithm's default (head for mrml)
     inner_steps: int = 20
+    inner_solver: str | None = None  # gd | newton (None: the algorithm's default: newton for mrml's head)
+    inner_tol: float = 1e-6
+    implicit: str | None = None  # cg | direct | damped | neumann (None: direct for a linear head, else cg)
+    learn_l2: bool = False
     inner_lr: float = 0.1
     l2: float | None = None  # None: the algorithm's default (1e-2 for mrml)
     prox: bool | None = None
@@ -107,6 +111,7 @@ class RunConfig:
     def algo_config(self) -> AlgoConfig:
         return AlgoConfig(
             inner=self.inner, inner_steps=self.inner_steps, inner_lr=self.inner_lr, l2=self.l2, prox=self.prox,
+            inner_solver=self.inner_solver, inner_tol=self.inner_tol, implicit=self.implicit, learn_l2=self.learn_l2,
             cg_steps=self.cg_steps, cg_tol=self.cg_tol, warm_start=self.warm_start,
             recompute_features=self.recompute_features, test_steps=self.test_steps, test_lr=self.test_lr,
             first_order=self.first_order, plain_inner=self.plain_inner, task_chunk=self.task_chunk, amp=self.amp, compile=self.compile,

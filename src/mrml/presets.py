@@ -1,7 +1,8 @@
 """The authors' published settings as plain data: `--preset NAME` applies them (explicit flags win).
 
 A preset names a dataset setting; entries under "algos" override it per algorithm (the paper's
-comparison: MAML, ANIL and ITD-BiO with their own inner steps and learning rates).
+comparison: MAML, ANIL and ITD-BiO with their own inner steps and learning rates). Every preset runs
+mrml in the paper's form (`inner_solver` gd, `implicit` cg); `paper` sets only that.
 """
 from __future__ import annotations
 
@@ -30,7 +31,13 @@ _PAPER_84 = {  # miniImageNet and tieredImageNet: Conv-4-32 on 84x84
     },
 }
 
+#: Algorithm 1 exactly as the paper states it: K gradient steps, then N conjugate-gradient steps
+_PAPER_FORM = {"inner_solver": "gd", "implicit": "cg"}
+for _preset in (_PAPER_32, _PAPER_84):
+    _preset["algos"]["mrml"] = dict(_PAPER_FORM)
+
 PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"algos": {"mrml": dict(_PAPER_FORM)}},  # the paper's form on whatever dataset and sizes
     "cifar-fs": {"dataset": "cifar-fs", **_PAPER_32},
     "fc100": {"dataset": "fc100", **_PAPER_32},
     "mini-imagenet": {"dataset": "mini-imagenet", **_PAPER_84},

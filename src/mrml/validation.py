@@ -73,6 +73,7 @@ RUN_RANGES: tuple[Range, ...] = (
     Range("query", int, 1, 10**5),
     Range("inner_steps", int, 0, 10**6),
     Range("inner_lr", float, 0, LR_MAX, open_low=True),
+    Range("inner_tol", float, 0, LR_MAX, open_low=True),
     Range("l2", float, 0, LR_MAX, optional=True),
     Range("cg_steps", int, 0, 10**6),
     Range("cg_tol", float, 0, LR_MAX),

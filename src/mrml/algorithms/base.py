@@ -9,6 +9,8 @@ The outer optimizer is an ordinary `torch.optim` optimizer over `outer_parameter
 from __future__ import annotations
 
 import abc
+import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
 
@@ -18,7 +20,12 @@ from torch import nn
 from ..data.base import Episode
 from ..errors import UsageError
 from ..models.split import ModelSplit, Params, split_model
+from .inner import InnerInfo, newton_cg, newton_head
+from .linear_head import HeadLayout, LinearHeadLoss, closed_form_head
 from .losses import TaskLoss
+
+INNER_SOLVERS = ("gd", "newton")
+IMPLICIT_SYSTEMS = ("cg", "direct", "damped", "neumann")
 
 
 @dataclass
@@ -26,7 +33,11 @@ class AlgoConfig:
     """Settings shared by the algorithms (each uses the ones that apply to it)."""
 
     inner: str | None = None  # which parameters adapt per task: head | last-block | all | name prefixes (None: the algorithm's default)
-    inner_steps: int = 20  # K
+    inner_steps: int = 20  # K: gradient steps (gd) or the iteration cap of an exact solver
+    inner_solver: str | None = None  # gd | newton (None: the algorithm's default; see mrml.algorithms.inner)
+    inner_tol: float = 1e-6  # exact solvers stop at ||d_y g|| <= inner_tol * max(1, ||d_y g(y_0)||)
+    implicit: str | None = None  # cg | direct | damped | neumann (None: direct where the head has closed forms, else cg)
+    learn_l2: bool = False  # learn lambda (log-parametrised) as an outer variable
     inner_lr: float = 0.1  # alpha
     l2: float | None = None  # lambda: ridge (head) or proximal strength of the inner loss (None: the algorithm's default)
     prox: bool | None = None  # proximal term lam/2||y - y0||^2, learned y0; None: iff inner goes beyond the last stage
@@ -108,6 +119,9 @@ class MetaAlgorithm(abc.ABC):
     default_l2 = 1e-2
     #: whether `config.batched` (task_chunk > 1, amp, compile) has a path here (mrml and imaml)
     has_batched_path = False
+    #: inner solvers this algorithm accepts (the first is its default); exact solvers only where the
+    #: hypergradient is implicit (an unrolled method differentiates its gradient steps)
+    inner_solvers: tuple[str, ...] = ("gd",)
 
     def __init__(self, model: nn.Module, loss: TaskLoss | str = "classification", config: AlgoConfig | None = None):
         self.model = model
@@ -119,32 +133,121 @@ class MetaAlgorithm(abc.ABC):
             self.config.inner = self.default_inner
         if self.config.l2 is None:
             self.config.l2 = self.default_l2
-        self.split: ModelSplit = split_model(model, self.config.inner, self.config.recompute_features)
-        self.prox = self.config.prox if self.config.prox is not None else not self.split.inner_is_last_stage
+        cfg = self.config
+        self.split: ModelSplit = split_model(model, cfg.inner, cfg.recompute_features)
+        self.prox = cfg.prox if cfg.prox is not None else not self.split.inner_is_last_stage
+        #: closed forms of a linear head (None when the inner part is anything else)
+        self.head: HeadLayout | None = (HeadLayout(self.split.inner_init())
+                                        if closed_form_head(self.split, self.loss.kind) else None)
+        if cfg.inner_solver is None:
+            # exact solves by default where the inner problem is the convex head; the task-batched path
+            # (chunks, amp, compile) and wider, non-convex inner parts run the gd form (see README)
+            exact_ok = self.head is not None and not cfg.batched
+            cfg.inner_solver = self.inner_solvers[0] if exact_ok or "gd" not in self.inner_solvers else "gd"
+            if cfg.batched and self.head is not None and self.inner_solvers[0] != "gd":
+                warnings.warn(f"{self.name}: --task-chunk/--amp/--compile run Algorithm 1's gradient-descent form "
+                              "(K steps + CG); the exact inner solve is per-task only", stacklevel=2)
+        if cfg.inner_solver not in self.inner_solvers:
+            known = cfg.inner_solver in INNER_SOLVERS
+            raise UsageError(f"{self.name} accepts --inner-solver {' or '.join(self.inner_solvers)}"
+                             + (f" (got {cfg.inner_solver!r}: it differentiates its gradient steps)" if known
+                                else f" (got {cfg.inner_solver!r})"))
+        if not cfg.inner_tol > 0:
+            raise UsageError(f"--inner-tol must be > 0 (got {cfg.inner_tol})")
+        if cfg.inner_solver == "newton" and not cfg.l2 > 0:
+            raise UsageError(f"--inner-solver newton needs --l2 > 0 (got {cfg.l2}): without it the inner problem "
+                             "may have no minimiser; use --inner-solver gd for l2 = 0")
+        if cfg.learn_l2 and not cfg.l2 > 0:
+            raise UsageError(f"--learn-l2 starts from --l2 and needs it > 0 (got {cfg.l2})")
+        self.log_l2: nn.Parameter | None = None
+        if cfg.learn_l2:
+            ref = next(iter(self.split.inner_init().values()))
+            self.log_l2 = nn.Parameter(torch.tensor(math.log(cfg.l2), dtype=ref.dtype, device=ref.device))
+        self.last_inner = InnerInfo(0, float("nan"), False)
 
     # -- parameters ----------------------------------------------------------------------------
     def outer_parameters(self) -> list[nn.Parameter]:
         """What the outer optimizer updates: everything but a fixed (not learned) inner init."""
         inner = {id(p) for p in self.split.inner_parameters()}
         learned_init = self.learns_inner_init or self.prox
-        return [p for p in self.model.parameters() if learned_init or id(p) not in inner]
+        params = [p for p in self.model.parameters() if learned_init or id(p) not in inner]
+        return params + ([self.log_l2] if self.log_l2 is not None else [])
+
+    # -- lambda ------------------------------------------------------------------------------------
+    @property
+    def l2(self) -> float:
+        """The inner-loss strength lambda in use (learned: exp of the outer variable log_l2)."""
+        return float(self.log_l2.detach().exp()) if self.log_l2 is not None else float(self.config.l2)
+
+    def l2_attached(self) -> torch.Tensor | float:
+        """lambda as the surrogate sees it: a tensor with gradient when learned, else a constant."""
+        return self.log_l2.exp() if self.log_l2 is not None else float(self.config.l2)
 
     def zero_grad(self) -> None:
-        for p in self.model.parameters():
+        for p in self.outer_parameters() + list(self.model.parameters()):
             p.grad = None
 
     # -- losses --------------------------------------------------------------------------------
-    def regulariser(self, y: Params, centre: Params | None) -> torch.Tensor:
-        lam = self.config.l2
+    def regulariser(self, y: Params, centre: Params | None, lam: torch.Tensor | float | None = None) -> torch.Tensor:
+        lam = self.l2 if lam is None else lam
         terms = [((v - centre[k]) if centre is not None else v).pow(2).sum() for k, v in y.items()]
         return 0.5 * lam * torch.stack(terms).sum()
 
-    def inner_loss(self, xa: Params, y: Params, feats: torch.Tensor, labels: torch.Tensor, centre: Params | None) -> torch.Tensor:
-        """g(x, y): support loss of the adapted part plus (lam/2)||y - centre||^2 (centre 0 if None)."""
+    def inner_loss(self, xa: Params, y: Params, feats: torch.Tensor, labels: torch.Tensor, centre: Params | None,
+                   lam: torch.Tensor | float | None = None) -> torch.Tensor:
+        """g(x, y): support loss of the adapted part plus (lam/2)||y - centre||^2 (centre 0 if None;
+        lam the current lambda unless given, e.g. attached when learned)."""
         g = self.loss(self.split.predict({**xa, **y}, feats), labels)
         if self.config.l2 > 0:
-            g = g + self.regulariser(y, centre)
+            g = g + self.regulariser(y, centre, lam)
         return g
+
+    def head_loss(self, feats: torch.Tensor, labels: torch.Tensor, centre: Params | None,
+                  lam: torch.Tensor | float | None = None) -> LinearHeadLoss:
+        """The closed-form inner loss of a linear head on `feats` (only when `self.head` is set)."""
+        assert self.head is not None
+        c = self.head.matrix(centre) if centre is not None else None
+        return LinearHeadLoss.build(feats, labels, self.loss.kind, self.l2 if lam is None else lam,
+                                    self.head.bias is not None, c)
+
+    def solve_inner(self, xa: Params, y0: Params, feats: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
+                    centre: Params | None) -> Params:
+        """The inner solution from y0 by `config.inner_solver`, without graph: `gd` takes `steps` guarded
+        gradient steps of size `lr`; `newton` solves to `config.inner_tol` with `steps` as the iteration
+        cap (closed-form Hessian for a linear head, Newton-CG otherwise). Statistics in `self.last_inner`."""
+        cfg = self.config
+        if cfg.inner_solver == "gd":
+            y = self.gradient_descent(xa, y0, feats, labels, steps, lr, centre)
+            _, grads = self._value_and_grad(xa, feats, labels, centre)(y)
+            self.last_inner = InnerInfo(steps, float(flat(grads).norm()), False)
+            return y
+        self.last_inner_lr = lr
+        if self.head is not None:
+            problem = self.head_loss(feats.detach(), labels, centre)
+            w, self.last_inner = newton_head(problem, self.head.matrix(detached(y0)), steps, cfg.inner_tol)
+            return self.head.params(w)
+        like = detached(y0)
+        value_and_grad = self._value_and_grad(xa, feats, labels, centre)
+
+        def flat_value_and_grad(v: torch.Tensor, graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            if not graph:
+                g, grads = value_and_grad(unflat(v, like))
+                return g, flat(grads)
+            g = self.inner_loss(xa, unflat(v, like), feats, labels, centre)
+            return g, flat(torch.autograd.grad(g, v, create_graph=True))
+
+        v, self.last_inner = newton_cg(flat_value_and_grad, flat(like.values()), steps, cfg.inner_tol, cfg.cg_steps)
+        return unflat(v, like)
+
+    def _value_and_grad(self, xa: Params, feats: torch.Tensor, labels: torch.Tensor, centre: Params | None,
+                        ) -> Callable[[Params], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+        def value_and_grad(y: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            yr = detached(y, requires_grad=True)
+            with torch.enable_grad():
+                g = self.inner_loss(xa, yr, feats, labels, centre)
+                return g.detach(), torch.autograd.grad(g, list(yr.values()))
+
+        return value_and_grad
 
     def centre(self, attached: bool) -> Params | None:
         if not self.prox:
@@ -156,14 +259,7 @@ class MetaAlgorithm(abc.ABC):
         self, xa: Params, y: Params, feats: torch.Tensor, labels: torch.Tensor, steps: int, lr: float, centre: Params | None
     ) -> Params:
         """K gradient steps on g in y without graph (see `descend` for the divergence guard)."""
-
-        def value_and_grad(y: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-            yr = detached(y, requires_grad=True)
-            with torch.enable_grad():
-                g = self.inner_loss(xa, yr, feats, labels, centre)
-                return g.detach(), torch.autograd.grad(g, list(yr.values()))
-
-        return self.descend(value_and_grad, detached(y), steps, lr)
+        return self.descend(self._value_and_grad(xa, feats, labels, centre), detached(y), steps, lr)
 
     def descend(
         self, value_and_grad: Callable[[Params], tuple[torch.Tensor, tuple[torch.Tensor, ...]]], y: Params,
@@ -221,7 +317,7 @@ class MetaAlgorithm(abc.ABC):
         with torch.no_grad():
             fs, fq = self.split.features(ep.support_x), self.split.features(ep.query_x)
         xa = detached(self.split.adapt_outer())
-        y = self.gradient_descent(
+        y = self.solve_inner(
             xa, self.split.inner_init(), fs, ep.support_y, self.config.test_steps, self.config.test_lr, self.centre(False)
         )
         with torch.no_grad():
@@ -232,8 +328,10 @@ class MetaAlgorithm(abc.ABC):
         return StepStats(float(self.loss(pred, ep.query_y)), self.loss.accuracy(pred, ep.query_y))
 
     def state_dict(self) -> dict[str, Any]:
-        """Algorithm state beyond the model (e.g. warm starts); saved in checkpoints."""
-        return {}
+        """Algorithm state beyond the model (a learned lambda, warm starts); saved in checkpoints."""
+        return {"log_l2": self.log_l2.detach().clone()} if self.log_l2 is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        if self.log_l2 is not None and "log_l2" in state:
+            with torch.no_grad():
+                self.log_l2.copy_(state["log_l2"])

@@ -353,8 +353,9 @@ class TaskBatched:
             y, inner_lr = batched_gradient_descent(
                 lambda yc: step(yc, fs_d, sy), y, cfg.inner_steps, cfg.inner_lr, guard=not cfg.plain_inner
             )
-            # right-hand side d_y f(x, y_K)
+            # right-hand side d_y f(x, y_K), and ||d_y g(y_K)|| per task (the inner solve's statistic)
             rhs = bflat(vmap(grad(f_task))(y, fq_d, qy))
+            inner_norms = bflat(step(y, fs_d, sy)[0]).norm(dim=1).tolist()
 
         # v by CG on (C, n) rows. Hessian-vector products as in the per-task form: the graph of
         # d_y sum_c g_c (block diagonal over tasks) is built once, each product is one backward pass
@@ -410,7 +411,8 @@ class TaskBatched:
         return [
             StepStats(float(losses[c]), accs[c], {
                 "cg_iterations": float(its[c]), "cg_residual": float(res[c]), "nonpositive_curvature": float(bad[c]),
-                "inner_lr": float(lrs[c]),
+                "inner_lr": float(lrs[c]), "inner_iterations": float(cfg.inner_steps),
+                "inner_grad_norm": float(inner_norms[c]), "inner_capped": 0.0, "inner_stalled": 0.0,
             })
             for c in range(C)
         ]

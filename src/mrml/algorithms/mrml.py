@@ -1,10 +1,36 @@
-"""Algorithm 1 of Yang, Ma & Yu (AAAI 2025): memory-reduced meta-learning.
+"""Memory-reduced meta-learning: the implicit hypergradient of Yang, Ma & Yu (AAAI 2025), Algorithm 1.
 
-Per task: the trunk runs once on support and query with gradient; K plain gradient steps fit the
-inner part y on a detached copy of the support features (no graph across steps); conjugate
-gradient solves (d2g/dy2) v = d_y f(x, y_K) with Hessian-vector products; then one backward pass of
-the surrogate f(x, y_K) - <d_y g(x, y_K), v> (y_K and v constant) gives the hypergradient
-d_x f - (d2g/dx dy) v. Nothing kept depends on K or N, so memory is constant in both.
+Per task: the trunk runs once on support and query with gradient; the inner part y is fitted on a
+detached copy of the support features (no graph across iterations); a linear system gives
+v ~ (d2g/dy2)^{-1} d_y f(x, y); then one backward pass of the surrogate f(x, y) - <d_y g(x, y), v>
+(y and v constant) gives the hypergradient d_x f - (d2g/dx dy) v. Nothing kept depends on the number
+of inner or solver iterations, so memory is constant in both.
+
+The inner solver (`config.inner_solver`):
+- `newton` (the default when the inner part is a linear head): solves the inner problem to `inner_tol`
+  (closed-form Newton for a linear head, Newton-CG with a line search otherwise). The implicit
+  formula assumes d_y g(x, y) = 0: here it holds, so the estimate is the hypergradient of
+  Phi(x) = f(x, y*(x)), the paper's object, to solver accuracy. For wider inner parts (last block,
+  whole network) the proximal inner problem is not convex and Newton-CG did not reach its tolerance
+  in 20 iterations on glyphs (README), so `gd` stays their default.
+- `gd`: Algorithm 1 as written: K gradient steps of size alpha (with the divergence guard). When K
+  steps do not solve the inner problem (small lambda), the implicit formula is applied at a y_K it
+  does not describe: at lambda = 0.01, K = 20 the estimate is several times too long (see
+  benchmarks/estimator.py).
+
+The linear system (`config.implicit`):
+- `direct`: (d2g/dy2) v = d_y f solved densely with the closed-form Hessian of a linear head (the
+  default where that exists): v exact;
+- `cg`: the same system by N conjugate-gradient steps on Hessian-vector products (the default
+  elsewhere; the paper's routine);
+- `damped`: CG on (d2g/dy2 + delta I) v = d_y f, delta = max(0, 1/(alpha K) - lambda): the ridge proxy
+  of stopping gradient descent after K steps. It estimates the hypergradient of the K-step problem
+  (the object ITD-BiO differentiates), not of f(x, y*(x));
+- `neumann`: v = alpha sum_{j<K} (I - alpha H)^j d_y f (K Hessian-vector products): exactly the
+  hypergradient of K gradient steps from y_K's neighbourhood, the K-step object as well.
+
+`config.learn_l2` makes lambda an outer variable (lambda = exp(s)): d Phi / d lambda = -<v, y - y0>,
+which the surrogate's backward already yields (its inner-gradient term holds lambda).
 
 With a proximal inner loss (inner part wider than the head), the centre y0 is an outer variable and
 the same surrogate yields its gradient lam * v: this is iMAML's (I + H/lam)^{-1} d_y f.
@@ -16,17 +42,31 @@ from typing import Any
 import torch
 
 from ..data.base import Episode
-from ..implicit import CGInfo, conjugate_gradient
+from ..errors import UsageError
+from ..implicit import CGInfo, conjugate_gradient, neumann_series
 from ..models.split import Params
-from .base import MetaAlgorithm, StepStats, detached, flat, unflat
+from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, flat, unflat
+from .linear_head import LinearHeadLoss
 
 
 class MRML(MetaAlgorithm):
     name = "mrml"
     has_batched_path = True
+    inner_solvers = ("newton", "gd")
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        cfg = self.config
+        if cfg.implicit is None:
+            cfg.implicit = "direct" if self.head is not None and not cfg.batched else "cg"
+        if cfg.implicit not in IMPLICIT_SYSTEMS:
+            raise UsageError(f"--implicit must be one of {', '.join(IMPLICIT_SYSTEMS)} (got {cfg.implicit!r})")
+        if cfg.implicit == "direct" and self.head is None:
+            raise UsageError("--implicit direct needs the inner part to be one linear layer (the head) under "
+                             "classification or regression loss: use --implicit cg")
+        if cfg.batched and (cfg.inner_solver != "gd" or cfg.implicit != "cg" or cfg.learn_l2):
+            raise UsageError("--task-chunk, --amp and --compile run Algorithm 1's gradient-descent form only: "
+                             "use --inner-solver gd --implicit cg without --learn-l2, or drop those options")
         self._warm: dict[Any, tuple[Params, torch.Tensor]] = {}
 
     # -- task-batched path (mrml.algorithms.batched): chunks of `task_chunk` tasks, amp, compile --
@@ -41,7 +81,18 @@ class MRML(MetaAlgorithm):
 
     def solve(self, xa: Params, y: Params, fs: torch.Tensor, ys: torch.Tensor, rhs: torch.Tensor,
               centre: Params | None, v0: torch.Tensor | None = None) -> tuple[torch.Tensor, CGInfo]:
-        """CG on (d2g/dy2) v = rhs at y, with x detached; the Hessian is never formed."""
+        """v for the surrogate by `config.implicit`, at y with x detached (see the module docstring)."""
+        cfg = self.config
+        if cfg.implicit == "direct":
+            assert self.head is not None
+            problem = self.head_loss(fs, ys, centre)
+            w = self.head.matrix(y)
+            b = self.head.from_flat(rhs, w)
+            v = problem.solve(w, b)
+            resid = (problem.hvp(w, v) - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny)
+            zero = torch.zeros((), dtype=torch.long)
+            return self.head.to_flat(v), CGInfo(0, float(resid), True, 0, {"iterations": zero, "residual": resid,
+                                                                             "bad": zero.bool()})
         yr = detached(y, requires_grad=True)
         with torch.enable_grad():
             g = self.inner_loss(xa, yr, fs, ys, centre)
@@ -52,7 +103,36 @@ class MRML(MetaAlgorithm):
             hv = torch.autograd.grad(grads, list(yr.values()), grad_outputs=parts, retain_graph=True)
             return flat(hv).detach()
 
-        return conjugate_gradient(hvp, rhs, self.config.cg_steps, self.config.cg_tol, x0=v0)
+        if cfg.implicit == "neumann":
+            return neumann_series(hvp, rhs, self.last_inner_lr, cfg.inner_steps)
+        if cfg.implicit == "damped":
+            delta = max(0.0, 1.0 / (self.last_inner_lr * max(cfg.inner_steps, 1)) - self.l2)
+            return conjugate_gradient(lambda v: hvp(v) + delta * v, rhs, cfg.cg_steps, cfg.cg_tol, x0=v0)
+        return conjugate_gradient(hvp, rhs, cfg.cg_steps, cfg.cg_tol, x0=v0)
+
+    def query_gradient(self, xa: Params, y: Params, fq: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
+        """d_y f(x, y), flat, x detached (closed form on the `direct` path; autograd, as the paper's
+        routine computes it, otherwise)."""
+        if self.config.implicit == "direct":
+            w = self.head.matrix(y)
+            query = LinearHeadLoss.build(fq, qy, self.loss.kind, 0.0, self.head.bias is not None)
+            return self.head.to_flat(query.data_value_grad(w)[1])
+        yr = detached(y, requires_grad=True)
+        with torch.enable_grad():
+            fy = self.loss(self.split.predict({**xa, **yr}, fq), qy)
+            return flat(torch.autograd.grad(fy, list(yr.values()))).detach()
+
+    def mixed_term(self, xa: Params, y: Params, v: torch.Tensor, fs: torch.Tensor, ys: torch.Tensor,
+                   centre: Params | None) -> torch.Tensor:
+        """<d_y g(x, y), v> with y, v constant and x (trunk features, outer part, centre, lambda) attached."""
+        lam = self.l2_attached()
+        if self.config.implicit == "direct":
+            w = self.head.matrix(detached(y))
+            return self.head_loss(fs, ys, centre, lam).grad_dot(w, self.head.from_flat(v, w))
+        yr = detached(y, requires_grad=True)
+        g = self.inner_loss(xa, yr, fs, ys, centre, lam)
+        gy = torch.autograd.grad(g, list(yr.values()), create_graph=True)
+        return (flat(gy) * v).sum()
 
     def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
         cfg, split = self.config, self.split
@@ -61,32 +141,29 @@ class MRML(MetaAlgorithm):
         xa_d, fs_d, fq_d = detached(xa), fs.detach(), fq.detach()
         warm = self._warm.get(task_id) if (cfg.warm_start and task_id is not None) else None
         y0 = warm[0] if warm is not None else split.inner_init()
-        y = self.gradient_descent(xa_d, y0, fs_d, ep.support_y, cfg.inner_steps, cfg.inner_lr, self.centre(False))
+        y = self.solve_inner(xa_d, y0, fs_d, ep.support_y, cfg.inner_steps, cfg.inner_lr, self.centre(False))
 
-        # right-hand side d_y f(x, y_K), then v by CG
-        yr = detached(y, requires_grad=True)
-        with torch.enable_grad():
-            fy = self.loss(split.predict({**xa_d, **yr}, fq_d), ep.query_y)
-            rhs = flat(torch.autograd.grad(fy, list(yr.values()))).detach()
+        rhs = self.query_gradient(xa_d, y, fq_d, ep.query_y)
         v, info = self.solve(xa_d, y, fs_d, ep.support_y, rhs, self.centre(False), warm[1] if warm else None)
         if cfg.warm_start and task_id is not None:
             self._warm[task_id] = (y, v)
 
-        # surrogate f(x, y_K) - <d_y g(x, y_K), v>: one backward through the trunk
-        yr = detached(y, requires_grad=True)
-        g = self.inner_loss(xa, yr, fs, ep.support_y, self.centre(True))
-        gy = torch.autograd.grad(g, list(yr.values()), create_graph=True)
-        mixed = (flat(gy) * v).sum()
+        # surrogate f(x, y) - <d_y g(x, y), v>: one backward through the trunk
+        mixed = self.mixed_term(xa, y, v, fs, ep.support_y, self.centre(True))
         pred = split.predict({**xa, **detached(y)}, fq)
         f = self.loss(pred, ep.query_y)
         (scale * (f - mixed)).backward()
-        return StepStats(float(f.detach()), self.loss.accuracy(pred, ep.query_y), {
-            "cg_iterations": float(info.iterations), "cg_residual": info.residual,
-            "nonpositive_curvature": float(info.nonpositive_curvature), "inner_lr": self.last_inner_lr,
-        })
+        stats = {"cg_iterations": float(info.iterations), "cg_residual": info.residual,
+                 "nonpositive_curvature": float(info.nonpositive_curvature), "inner_lr": self.last_inner_lr,
+                 **self.last_inner.stats()}
+        if self.log_l2 is not None:
+            stats["l2"] = self.l2
+        return StepStats(float(f.detach()), self.loss.accuracy(pred, ep.query_y), stats)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"warm": self._warm} if self._warm else {}
+        state = super().state_dict()
+        return {**state, "warm": self._warm} if self._warm else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self._warm = dict(state.get("warm", {}))

@@ -1,0 +1,128 @@
+"""Exact inner solvers: drive ||d_y g|| below a tolerance, keeping no graph across iterations.
+
+- `newton_head`: Newton's method with the closed-form Hessian of a linear head (`linear_head`), a
+  backtracking (Armijo) line search on g, quadratic convergence on the strongly convex inner loss.
+- `newton_cg`: for any inner part: the Newton direction from conjugate gradient on Hessian-vector
+  products (stopped at non-positive curvature, falling back to the gradient), with the same line
+  search.
+
+Both stop when ||d_y g(y)|| <= tol * max(1, ||d_y g(y_0)||), or after `max_iter` iterations (reported
+as capped). Once the Newton decrement <d_y g, H^{-1} d_y g>/2 -- the decrease a full step would
+bring -- is below 64 units of rounding of g, the value of g can no longer judge a step: full steps
+are taken without line search (the quadratic-convergence regime) while they at least halve
+||d_y g||; when one does not, the solve ends there (converged as far as the dtype resolves). A line
+search that finds no decrease ends the solve too (reported as stalled).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..implicit import conjugate_gradient
+from .linear_head import LinearHeadLoss
+
+#: Armijo sufficient-decrease constant and the most halvings of a line search
+ARMIJO, MAX_BACKTRACK = 1e-4, 40
+
+
+@dataclass
+class InnerInfo:
+    """What an inner solve did: iterations (or steps), final ||d_y g||, whether it hit its cap or stalled."""
+
+    iterations: int
+    grad_norm: float
+    capped: bool
+    stalled: bool = False
+
+    def stats(self) -> dict[str, float]:
+        return {"inner_iterations": float(self.iterations), "inner_grad_norm": self.grad_norm,
+                "inner_capped": float(self.capped), "inner_stalled": float(self.stalled)}
+
+
+def _line_search(value: Callable[[torch.Tensor], float], x: torch.Tensor, d: torch.Tensor, g0: float,
+                 slope: float) -> tuple[torch.Tensor, float] | None:
+    """Largest t in 1, 1/2, 1/4, ... with value(x - t d) <= g0 - ARMIJO t slope; None if none decreases."""
+    t = 1.0
+    for _ in range(MAX_BACKTRACK):
+        xn = x - t * d
+        gn = value(xn)
+        if gn <= g0 - ARMIJO * t * slope:
+            return xn, gn
+        t *= 0.5
+    return None
+
+
+def newton_head(problem: LinearHeadLoss, w0: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, InnerInfo]:
+    """Minimise the linear head's inner loss from W0 by Newton's method with the closed-form Hessian."""
+    w = w0.detach()
+    g, grad = problem.value_grad(w)
+    gnorm0 = float(grad.norm())
+    target = tol * max(1.0, gnorm0)
+    gnorm, it, stalled = gnorm0, 0, False
+    floor = 64.0 * torch.finfo(w.dtype).eps
+    while gnorm > target and it < max_iter:
+        d = problem.solve(w, grad)
+        slope = float((grad * d).sum())
+        if 0 < slope <= 2 * floor * max(1.0, abs(float(g))):  # g cannot judge the step: take it whole
+            wn = w - d
+            gn, gradn = problem.value_grad(wn)
+            if not float(gradn.norm()) <= 0.5 * gnorm:
+                target = gnorm  # rounding floor reached
+                break
+            w, g, grad, gnorm, it = wn, gn, gradn, float(gradn.norm()), it + 1
+            continue
+        if not slope > 0:  # rounding made the Newton direction useless: take the gradient
+            d, slope = grad, float((grad * grad).sum())
+        found = _line_search(lambda x: float(problem.value(x)), w, d, float(g), slope)
+        if found is None:
+            stalled = True
+            break
+        w = found[0]
+        g, grad = problem.value_grad(w)
+        gnorm, it = float(grad.norm()), it + 1
+    return w, InnerInfo(it, gnorm, gnorm > target and not stalled, stalled)
+
+
+def newton_cg(value_and_grad: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]], y0: torch.Tensor,
+              max_iter: int, tol: float, cg_steps: int) -> tuple[torch.Tensor, InnerInfo]:
+    """Minimise g over a flat vector y by Newton-CG; `value_and_grad(y, graph)` -> (g, d_y g) where
+    `graph=True` keeps the graph of d_y g for Hessian-vector products (freed each iteration), `False`
+    returns detached values."""
+    y = y0.detach()
+    g, grad = value_and_grad(y, False)
+    gnorm0 = float(grad.norm())
+    target = tol * max(1.0, gnorm0)
+    floor = 64.0 * torch.finfo(y.dtype).eps
+    gnorm, it, stalled = gnorm0, 0, False
+    while gnorm > target and it < max_iter:
+        yr = y.detach().requires_grad_(True)
+        with torch.enable_grad():
+            _, gr = value_and_grad(yr, True)
+
+            def hvp(v: torch.Tensor) -> torch.Tensor:
+                return torch.autograd.grad(gr, yr, grad_outputs=v, retain_graph=True)[0].detach()
+
+            d, _ = conjugate_gradient(hvp, grad, max(cg_steps, 1), tol=1e-2 * min(1.0, gnorm))
+        del gr
+        slope = float((grad * d).sum())
+        if 0 < slope <= 2 * floor * max(1.0, abs(float(g))):  # g cannot judge the step: take it whole
+            yn = y - d
+            gn, gradn = value_and_grad(yn, False)
+            if not float(gradn.norm()) <= 0.5 * gnorm:
+                target = gnorm  # rounding floor reached
+                break
+            y, g, grad, gnorm, it = yn, gn, gradn, float(gradn.norm()), it + 1
+            continue
+        if not slope > 0:  # CG met negative curvature at once: steepest descent
+            d, slope = grad, float((grad * grad).sum())
+
+        found = _line_search(lambda x: float(value_and_grad(x, False)[0]), y, d, float(g), slope)
+        if found is None:
+            stalled = True
+            break
+        y = found[0]
+        g, grad = value_and_grad(y, False)
+        gnorm, it = float(grad.norm()), it + 1
+    return y, InnerInfo(it, gnorm, gnorm > target and not stalled, stalled)
