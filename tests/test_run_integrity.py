@@ -51,9 +51,9 @@ def test_resume_refuses_fewer_iterations(tmp_path, capsys, n):
 
 # -- 3: non-finite values stop the run ---------------------------------------------------------------------
 @pytest.mark.parametrize("extra,needle", [
-    (["--inner-lr", "1e9", "--plain-inner"], "--inner-lr"),
+    (["--inner-solver", "gd", "--inner-lr", "1e9", "--plain-inner"], "--inner-lr"),
     (["--outer-lr", "1e37", "--optimizer", "sgd"], "--outer-lr"),
-    (["--test-lr", "1e37"], "--test-lr"),
+    (["--inner-solver", "gd", "--test-lr", "1e37"], "--test-lr"),
 ])
 def test_non_finite_stops_with_exit_3(tmp_path, capsys, extra, needle):
     out = tmp_path / "run"
@@ -182,7 +182,7 @@ def test_eval_data_root_must_exist(tmp_path, capsys):
 
 def test_eval_with_a_diverging_test_lr_exits_3(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train(out, "--iterations", "1") == 0
+    assert train(out, "--iterations", "1", "--inner-solver", "gd") == 0  # newton, the default, has no step size
     capsys.readouterr()
     one_line(capsys, main(["eval", str(out), "--episodes", "2", "--test-lr", "1e37", "--json"]), 3, "--test-lr")
 

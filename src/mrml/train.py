@@ -238,18 +238,22 @@ def _restore(run: Run, state: dict[str, Any], out: Path) -> None:
             raise UsageError(f"{out / 'checkpoint.pt'} is damaged: {key!r} is a {type(state[key]).__name__}")
 
 
-def _likely_cause(cfg: RunConfig, what: str) -> str:
-    """The setting that most likely made `what` (loss, parameters, validation, test) non-finite."""
+def likely_cause(cfg: RunConfig, what: str, solver: str | None = "gd") -> str:
+    """The setting that most likely made `what` (loss, parameters, validation, test) non-finite, given the
+    inner solver the algorithm resolved (`gd` takes steps of --inner-lr / --test-lr; exact solvers do not)."""
+    exact = solver not in (None, "gd")
     if what in ("validation", "test"):
+        if exact:
+            return f"the {solver} inner solve diverged: check --l2 and --inner-tol"
         return f"--test-lr {cfg.test_lr:g} (with --test-steps {cfg.test_steps}) is likely too large"
-    outer = f"--outer-lr {cfg.outer_lr:g} is likely too large"
-    inner = f"--inner-lr {cfg.inner_lr:g} is likely too large" + (
-        " for --plain-inner (without it a guard damps divergent inner steps)" if cfg.plain_inner else "")
     if what == "parameters" or cfg.outer_lr > 1:
-        return outer
+        return f"--outer-lr {cfg.outer_lr:g} is likely too large"
     if cfg.l2 is not None and cfg.l2 > 1e4:
         return f"--l2 {cfg.l2:g} is likely too large"
-    return inner
+    if exact:
+        return f"the {solver} inner solve diverged: check --l2 and --inner-tol, or lower --outer-lr {cfg.outer_lr:g}"
+    return f"--inner-lr {cfg.inner_lr:g} is likely too large" + (
+        " for --plain-inner (without it a guard damps divergent inner steps)" if cfg.plain_inner else "")
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -290,6 +294,10 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
     metrics = out / "metrics.jsonl"
     log = MetricsLog(metrics, cfg.tensorboard and ctx.is_main)
     params = run.algo.outer_parameters()
+    solver = getattr(getattr(run.algo, "config", None), "inner_solver", "gd")  # as the algorithm resolved it
+
+    def cause(what: str) -> str:
+        return likely_cause(cfg, what, solver)
 
     def stop(signum: int, message: str) -> None:
         checkpoint(validation_owed=owed)
@@ -307,7 +315,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
         with interrupts.interruptible(not ctx.active):
             val = run.validate(ctx)
         if not math.isfinite(val["loss"]):
-            raise NonFiniteError(f"validation loss at iteration {done} is not finite: {_likely_cause(cfg, 'validation')}")
+            raise NonFiniteError(f"validation loss at iteration {done} is not finite: {cause('validation')}")
         if ctx.is_main:
             log({"split": "validation", "iteration": done, "loss": val["loss"],
                  "accuracy": val["accuracy"], "ci95": val["ci95"], "seconds": round(elapsed, 4)})
@@ -340,9 +348,9 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
             if not finite:
                 checkpoint()  # the parameters of `done` steps, all finite
                 raise NonFiniteError(f"non-finite training loss or gradient at iteration {it + 1}: "
-                                     f"{_likely_cause(cfg, 'loss')}; the checkpoint keeps iteration {done}")
+                                     f"{cause('loss')}; the checkpoint keeps iteration {done}")
             if not _all_finite([p.detach() for p in params]):
-                raise NonFiniteError(f"non-finite parameters after iteration {it + 1}: {_likely_cause(cfg, 'parameters')}; "
+                raise NonFiniteError(f"non-finite parameters after iteration {it + 1}: {cause('parameters')}; "
                                      f"the last checkpoint in {out} is kept")
             done = it + 1
             dt = time.perf_counter() - t0
@@ -408,7 +416,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
              ("accuracy", "ci95", "loss", "loss_ci95", "episodes", "seed")}}
     atomic_json(out / "final.json", final)
     if not math.isfinite(final["loss"]):
-        raise NonFiniteError(f"meta-test loss is not finite: {_likely_cause(cfg, 'test')} (final.json records it as null)")
+        raise NonFiniteError(f"meta-test loss is not finite: {cause('test')} (final.json records it as null)")
     if final["accuracy"] is not None:
         print(f"meta-test accuracy: {100 * final['accuracy']:.2f}% ± {100 * (final['ci95'] or 0):.2f}% "
               f"({final['episodes']} episodes, {cfg.ways}-way {cfg.shots}-shot, {cfg.dataset}); results in {out}", file=stream)
