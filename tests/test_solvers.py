@@ -205,6 +205,8 @@ def test_newton_is_refused_where_the_method_unrolls_and_without_a_minimiser():
         MRML(model, "classification", AlgoConfig(inner="last-block", implicit="direct"))
     with pytest.raises(Exception, match="implicit must be one of"):
         MRML(model, "classification", AlgoConfig(implicit="exact"))
+    with pytest.raises(Exception, match="learn-l2 applies to mrml"):
+        ITDBiO(model, "classification", AlgoConfig(learn_l2=True))
     with pytest.raises(Exception, match="inner-solver newton or gd"):
         MRML(model, "classification", AlgoConfig(inner_solver="lbfgs"))
 

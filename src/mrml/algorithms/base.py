@@ -122,6 +122,8 @@ class MetaAlgorithm(abc.ABC):
     #: inner solvers this algorithm accepts (the first is its default); exact solvers only where the
     #: hypergradient is implicit (an unrolled method differentiates its gradient steps)
     inner_solvers: tuple[str, ...] = ("gd",)
+    #: whether lambda can be learned (its gradient comes from the implicit surrogate)
+    can_learn_l2 = False
 
     def __init__(self, model: nn.Module, loss: TaskLoss | str = "classification", config: AlgoConfig | None = None):
         self.model = model
@@ -157,6 +159,8 @@ class MetaAlgorithm(abc.ABC):
         if cfg.inner_solver == "newton" and not cfg.l2 > 0:
             raise UsageError(f"--inner-solver newton needs --l2 > 0 (got {cfg.l2}): without it the inner problem "
                              "may have no minimiser; use --inner-solver gd for l2 = 0")
+        if cfg.learn_l2 and not self.can_learn_l2:
+            raise UsageError(f"--learn-l2 applies to mrml and imaml (implicit hypergradients), not {self.name}: drop it")
         if cfg.learn_l2 and not cfg.l2 > 0:
             raise UsageError(f"--learn-l2 starts from --l2 and needs it > 0 (got {cfg.l2})")
         self.log_l2: nn.Parameter | None = None

@@ -53,6 +53,7 @@ class MRML(MetaAlgorithm):
     name = "mrml"
     has_batched_path = True
     inner_solvers = ("newton", "gd")
+    can_learn_l2 = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
