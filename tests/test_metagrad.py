@@ -361,7 +361,7 @@ def test_metagrad_implicit_matches_finite_differences(name, inner_spec):
     """f(x, y*(x)) with y* by many inner steps (strongly convex: ridge on the head, proximal elsewhere)."""
     model, tasks = smooth_net(), image_tasks(2, size=8, seed=4)
     lam, lr, steps = 2.0, 0.3, 60
-    cfg = AlgoConfig(inner=inner_spec, l2=lam, inner_lr=lr, inner_steps=steps, cg_steps=200, cg_tol=1e-14)
+    cfg = AlgoConfig(inner=inner_spec, l2=lam, inner_lr=lr, inner_steps=steps, cg_steps=200, cg_tol=1e-14, learn_l2=False)
     algo = build_algorithm(name, model, "classification", cfg)
     stats = algo.meta_gradient(tasks)
     assert stats.extra["nonpositive_curvature"] == 0 and stats.extra["cg_residual"] < 1e-12
@@ -440,7 +440,7 @@ LAM = 0.5
 
 def test_metagrad_mrml_ridge_closed_form():
     tasks, model = ridge_tasks(4), ridge_model()
-    algo = build_algorithm("mrml", model, "regression", AlgoConfig(inner="1", l2=LAM, inner_lr=0.3, inner_steps=300, cg_steps=10))
+    algo = build_algorithm("mrml", model, "regression", AlgoConfig(inner="1", l2=LAM, inner_lr=0.3, inner_steps=300, cg_steps=10, learn_l2=False))
     algo.meta_gradient(tasks)
     ref = true_hypergradient(model[0].weight.detach().T, tasks, LAM).T
     assert rel(model[0].weight.grad, ref) < 1e-9

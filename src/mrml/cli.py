@@ -67,7 +67,8 @@ TRAIN_FLAGS = {
     "compile": "torch.compile the backbone (falls back to eager with a warning where it cannot)",
     "tensorboard": "also log to TensorBoard in OUT/tensorboard (needs the tensorboard package)",
     "rotations": "add 90/180/270-degree rotations of each class as new classes (image datasets)",
-    "learn_l2": "learn lambda (log-parametrised) as an outer variable, starting from --l2",
+    "learn_l2": "learn lambda (log-parametrised) as an outer variable, starting from --l2 (mrml's default "
+                "with the exact solver; --no-learn-l2 keeps it fixed)",
 }
 
 
@@ -83,6 +84,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None, help=help_)
     p.add_argument("--prox", dest="prox", action="store_true", default=None, help="proximal inner loss (learned centre)")
     p.add_argument("--no-prox", dest="prox", action="store_false", help="ridge inner loss (centre 0)")
+    p.add_argument("--no-learn-l2", dest="learn_l2", action="store_false",
+                   help="keep lambda fixed at --l2 (mrml learns it by default with its exact solver)")
 
 
 def explicit_options(ns: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:

@@ -29,9 +29,9 @@ class RunConfig:
     inner_solver: str | None = None  # gd | newton (None: the algorithm's default: newton for mrml's head)
     inner_tol: float = 1e-6
     implicit: str | None = None  # cg | direct | damped | neumann (None: direct for a linear head, else cg)
-    learn_l2: bool = False
+    learn_l2: bool | None = None  # None: the algorithm's default (mrml's head: learned)
     inner_lr: float = 0.1
-    l2: float | None = None  # None: the algorithm's default (1e-2 for mrml)
+    l2: float | None = None  # None: the algorithm's default (0.1 for mrml, the starting value when learned)
     prox: bool | None = None
     cg_steps: int = 20
     cg_tol: float = 1e-10

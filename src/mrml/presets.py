@@ -2,7 +2,8 @@
 
 A preset names a dataset setting; entries under "algos" override it per algorithm (the paper's
 comparison: MAML, ANIL and ITD-BiO with their own inner steps and learning rates). Every preset runs
-mrml in the paper's form (`inner_solver` gd, `implicit` cg); `paper` sets only that.
+mrml in the paper's form (`inner_solver` gd, `implicit` cg, fixed l2 = 0.01, mrml's value before the
+exact solver); `paper` sets only that.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ _PAPER_84 = {  # miniImageNet and tieredImageNet: Conv-4-32 on 84x84
 }
 
 #: Algorithm 1 exactly as the paper states it: K gradient steps, then N conjugate-gradient steps
-_PAPER_FORM = {"inner_solver": "gd", "implicit": "cg"}
+_PAPER_FORM = {"inner_solver": "gd", "implicit": "cg", "learn_l2": False, "l2": 0.01}
 for _preset in (_PAPER_32, _PAPER_84):
     _preset["algos"]["mrml"] = dict(_PAPER_FORM)
 

@@ -37,7 +37,7 @@ class AlgoConfig:
     inner_solver: str | None = None  # gd | newton (None: the algorithm's default; see mrml.algorithms.inner)
     inner_tol: float = 1e-6  # exact solvers stop at ||d_y g|| <= inner_tol * max(1, ||d_y g(y_0)||)
     implicit: str | None = None  # cg | direct | damped | neumann (None: direct where the head has closed forms, else cg)
-    learn_l2: bool = False  # learn lambda (log-parametrised) as an outer variable
+    learn_l2: bool | None = None  # learn lambda (log-parametrised) as an outer variable (None: the algorithm's default)
     inner_lr: float = 0.1  # alpha
     l2: float | None = None  # lambda: ridge (head) or proximal strength of the inner loss (None: the algorithm's default)
     prox: bool | None = None  # proximal term lam/2||y - y0||^2, learned y0; None: iff inner goes beyond the last stage
@@ -124,6 +124,8 @@ class MetaAlgorithm(abc.ABC):
     inner_solvers: tuple[str, ...] = ("gd",)
     #: whether lambda can be learned (its gradient comes from the implicit surrogate)
     can_learn_l2 = False
+    #: whether lambda is learned by default where the exact inner solve is the default (mrml's head)
+    default_learn_l2 = False
 
     def __init__(self, model: nn.Module, loss: TaskLoss | str = "classification", config: AlgoConfig | None = None):
         self.model = model
@@ -154,6 +156,9 @@ class MetaAlgorithm(abc.ABC):
             raise UsageError(f"{self.name} accepts --inner-solver {' or '.join(self.inner_solvers)}"
                              + (f" (got {cfg.inner_solver!r}: it differentiates its gradient steps)" if known
                                 else f" (got {cfg.inner_solver!r})"))
+        if cfg.learn_l2 is None:  # learned by default only in the default form: exact solve of a linear head
+            cfg.learn_l2 = (self.default_learn_l2 and cfg.inner_solver == "newton" and self.head is not None
+                            and not cfg.batched)
         if not cfg.inner_tol > 0:
             raise UsageError(f"--inner-tol must be > 0 (got {cfg.inner_tol})")
         if cfg.inner_solver == "newton" and not cfg.l2 > 0:

@@ -33,6 +33,7 @@ class IMAML(MRML):
     learns_inner_init = True
     default_inner = "all"
     default_l2 = 2.0
+    default_learn_l2 = False
 
     def __init__(self, model: Any, loss: Any = "classification", config: AlgoConfig | None = None):
         config = replace(config or AlgoConfig(), prox=True)

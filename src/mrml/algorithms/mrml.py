@@ -54,6 +54,9 @@ class MRML(MetaAlgorithm):
     has_batched_path = True
     inner_solvers = ("newton", "gd")
     can_learn_l2 = True
+    #: the default form, chosen on validation accuracy (README): exact solve, lambda learned from 0.1
+    default_learn_l2 = True
+    default_l2 = 0.1
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
