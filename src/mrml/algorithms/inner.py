@@ -41,15 +41,16 @@ class InnerInfo:
                 "inner_capped": float(self.capped), "inner_stalled": float(self.stalled)}
 
 
-def _line_search(value: Callable[[torch.Tensor], float], x: torch.Tensor, d: torch.Tensor, g0: float,
-                 slope: float) -> tuple[torch.Tensor, float] | None:
-    """Largest t in 1, 1/2, 1/4, ... with value(x - t d) <= g0 - ARMIJO t slope; None if none decreases."""
+def _line_search(value_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
+                 d: torch.Tensor, g0: float, slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Largest t in 1, 1/2, 1/4, ... with g(x - t d) <= g0 - ARMIJO t slope, as (point, g, d g) there (the
+    gradient comes with the value, so the accepted point costs nothing more); None if none decreases."""
     t = 1.0
     for _ in range(MAX_BACKTRACK):
         xn = x - t * d
-        gn = value(xn)
-        if gn <= g0 - ARMIJO * t * slope:
-            return xn, gn
+        gn, grad = value_grad(xn)
+        if float(gn) <= g0 - ARMIJO * t * slope:
+            return xn, gn, grad
         t *= 0.5
     return None
 
@@ -75,12 +76,11 @@ def newton_head(problem: LinearHeadLoss, w0: torch.Tensor, max_iter: int, tol: f
             continue
         if not slope > 0:  # rounding made the Newton direction useless: take the gradient
             d, slope = grad, float((grad * grad).sum())
-        found = _line_search(lambda x: float(problem.value(x)), w, d, float(g), slope)
+        found = _line_search(problem.value_grad, w, d, float(g), slope)
         if found is None:
             stalled = True
             break
-        w = found[0]
-        g, grad = problem.value_grad(w)
+        w, g, grad = found
         gnorm, it = float(grad.norm()), it + 1
     return w, InnerInfo(it, gnorm, gnorm > target and not stalled, stalled)
 
@@ -118,11 +118,10 @@ def newton_cg(value_and_grad: Callable[[torch.Tensor, bool], tuple[torch.Tensor,
         if not slope > 0:  # CG met negative curvature at once: steepest descent
             d, slope = grad, float((grad * grad).sum())
 
-        found = _line_search(lambda x: float(value_and_grad(x, False)[0]), y, d, float(g), slope)
+        found = _line_search(lambda x: value_and_grad(x, False), y, d, float(g), slope)
         if found is None:
             stalled = True
             break
-        y = found[0]
-        g, grad = value_and_grad(y, False)
+        y, g, grad = found
         gnorm, it = float(grad.norm()), it + 1
     return y, InnerInfo(it, gnorm, gnorm > target and not stalled, stalled)

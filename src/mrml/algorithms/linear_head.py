@@ -19,7 +19,7 @@ K = F~ F~'. Both give the same solution (tested in float64); neither forms anyth
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ class LinearHeadLoss:
     kind: str
     lam: torch.Tensor | float  # a tensor when learned (the surrogate differentiates through it)
     centre: torch.Tensor | None = None  # W0 (None: 0)
+    _kernel: torch.Tensor | None = field(default=None, init=False, repr=False)  # F~ F~', built on first dual solve
 
     @classmethod
     def build(cls, feats: torch.Tensor, targets: torch.Tensor, kind: str, lam: torch.Tensor | float, bias: bool,
@@ -121,7 +122,9 @@ class LinearHeadLoss:
         n, p1 = self.feats.shape
         c = w.shape[0]
         if n * c < c * p1:  # dual: (lam I + K A) z = J B over (n, C)
-            k = self.feats @ self.feats.T
+            if self._kernel is None:
+                self._kernel = self.feats @ self.feats.T
+            k = self._kernel
             s = torch.einsum("ij,jcd->icjd", k, a).reshape(n * c, n * c)
             s = s + lam * torch.eye(n * c, dtype=s.dtype, device=s.device)
             jb = (b @ self.feats.T).T.reshape(n * c, -1) if b.dim() == 2 else None

@@ -92,8 +92,9 @@ class MRML(MetaAlgorithm):
             problem = self.head_loss(fs, ys, centre)
             w = self.head.matrix(y)
             b = self.head.from_flat(rhs, w)
-            v = problem.solve(w, b)
-            resid = (problem.hvp(w, v) - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny)
+            a = problem.weights(w)
+            v = problem.solve(w, b, a)
+            resid = (problem.hvp(w, v, a) - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny)
             zero = torch.zeros((), dtype=torch.long)
             return self.head.to_flat(v), CGInfo(0, float(resid), True, 0, {"iterations": zero, "residual": resid,
                                                                              "bad": zero.bool()})
