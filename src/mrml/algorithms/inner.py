@@ -55,34 +55,41 @@ def _line_search(value_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.
     return None
 
 
-def newton_head(problem: LinearHeadLoss, w0: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, InnerInfo]:
-    """Minimise the linear head's inner loss from W0 by Newton's method with the closed-form Hessian."""
-    w = w0.detach()
-    g, grad = problem.value_grad(w)
+def _newton(value_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+            direction: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor], x0: torch.Tensor, max_iter: int,
+            tol: float) -> tuple[torch.Tensor, InnerInfo]:
+    """The damped Newton loop shared by both solvers; `direction(x, d_x g, ||d_x g||)` ~ H^{-1} d_x g."""
+    x = x0.detach()
+    g, grad = value_grad(x)
     gnorm0 = float(grad.norm())
     target = tol * max(1.0, gnorm0)
+    floor = 64.0 * torch.finfo(x.dtype).eps
     gnorm, it, stalled = gnorm0, 0, False
-    floor = 64.0 * torch.finfo(w.dtype).eps
     while gnorm > target and it < max_iter:
-        d = problem.solve(w, grad)
+        d = direction(x, grad, gnorm)
         slope = float((grad * d).sum())
         if 0 < slope <= 2 * floor * max(1.0, abs(float(g))):  # g cannot judge the step: take it whole
-            wn = w - d
-            gn, gradn = problem.value_grad(wn)
+            xn = x - d
+            gn, gradn = value_grad(xn)
             if not float(gradn.norm()) <= 0.5 * gnorm:
                 target = gnorm  # rounding floor reached
                 break
-            w, g, grad, gnorm, it = wn, gn, gradn, float(gradn.norm()), it + 1
+            x, g, grad, gnorm, it = xn, gn, gradn, float(gradn.norm()), it + 1
             continue
-        if not slope > 0:  # rounding made the Newton direction useless: take the gradient
+        if not slope > 0:  # rounding or negative curvature made the direction useless: take the gradient
             d, slope = grad, float((grad * grad).sum())
-        found = _line_search(problem.value_grad, w, d, float(g), slope)
+        found = _line_search(value_grad, x, d, float(g), slope)
         if found is None:
             stalled = True
             break
-        w, g, grad = found
+        x, g, grad = found
         gnorm, it = float(grad.norm()), it + 1
-    return w, InnerInfo(it, gnorm, gnorm > target and not stalled, stalled)
+    return x, InnerInfo(it, gnorm, gnorm > target and not stalled, stalled)
+
+
+def newton_head(problem: LinearHeadLoss, w0: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, InnerInfo]:
+    """Minimise the linear head's inner loss from W0 by Newton's method with the closed-form Hessian."""
+    return _newton(problem.value_grad, lambda w, grad, _: problem.solve(w, grad), w0, max_iter, tol)
 
 
 def newton_cg(value_and_grad: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]], y0: torch.Tensor,
@@ -90,13 +97,8 @@ def newton_cg(value_and_grad: Callable[[torch.Tensor, bool], tuple[torch.Tensor,
     """Minimise g over a flat vector y by Newton-CG; `value_and_grad(y, graph)` -> (g, d_y g) where
     `graph=True` keeps the graph of d_y g for Hessian-vector products (freed each iteration), `False`
     returns detached values."""
-    y = y0.detach()
-    g, grad = value_and_grad(y, False)
-    gnorm0 = float(grad.norm())
-    target = tol * max(1.0, gnorm0)
-    floor = 64.0 * torch.finfo(y.dtype).eps
-    gnorm, it, stalled = gnorm0, 0, False
-    while gnorm > target and it < max_iter:
+
+    def direction(y: torch.Tensor, grad: torch.Tensor, gnorm: float) -> torch.Tensor:
         yr = y.detach().requires_grad_(True)
         with torch.enable_grad():
             _, gr = value_and_grad(yr, True)
@@ -104,24 +106,6 @@ def newton_cg(value_and_grad: Callable[[torch.Tensor, bool], tuple[torch.Tensor,
             def hvp(v: torch.Tensor) -> torch.Tensor:
                 return torch.autograd.grad(gr, yr, grad_outputs=v, retain_graph=True)[0].detach()
 
-            d, _ = conjugate_gradient(hvp, grad, max(cg_steps, 1), tol=1e-2 * min(1.0, gnorm))
-        del gr
-        slope = float((grad * d).sum())
-        if 0 < slope <= 2 * floor * max(1.0, abs(float(g))):  # g cannot judge the step: take it whole
-            yn = y - d
-            gn, gradn = value_and_grad(yn, False)
-            if not float(gradn.norm()) <= 0.5 * gnorm:
-                target = gnorm  # rounding floor reached
-                break
-            y, g, grad, gnorm, it = yn, gn, gradn, float(gradn.norm()), it + 1
-            continue
-        if not slope > 0:  # CG met negative curvature at once: steepest descent
-            d, slope = grad, float((grad * grad).sum())
+            return conjugate_gradient(hvp, grad, max(cg_steps, 1), tol=1e-2 * min(1.0, gnorm))[0]
 
-        found = _line_search(lambda x: value_and_grad(x, False), y, d, float(g), slope)
-        if found is None:
-            stalled = True
-            break
-        y, g, grad = found
-        gnorm, it = float(grad.norm()), it + 1
-    return y, InnerInfo(it, gnorm, gnorm > target and not stalled, stalled)
+    return _newton(lambda y: value_and_grad(y, False), direction, y0, max_iter, tol)
