@@ -70,12 +70,13 @@ def conjugate_gradient(
 def neumann_series(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, alpha: float,
                    terms: int) -> tuple[torch.Tensor, CGInfo]:
     """v = alpha sum_{j<terms} (I - alpha A)^j b: the inverse of A as K gradient steps of size alpha see it
-    (`terms` products with A). Reports the relative residual ||A v - b|| / ||b|| (one product more)."""
+    (`terms` - 1 products with A). Reports the relative residual ||A v - b|| / ||b|| (one product more)."""
     v = torch.zeros_like(b)
     term = alpha * b
-    for _ in range(terms):
+    for j in range(terms):
         v = v + term
-        term = term - alpha * matvec(term)
+        if j + 1 < terms:  # the next term; none is needed after the last
+            term = term - alpha * matvec(term)
     bnorm = b.norm(dim=-1).clamp_min(torch.finfo(b.dtype).tiny)
     resid = (matvec(v) - b).norm(dim=-1) / bnorm
     iters = torch.full(b.shape[:-1], terms, dtype=torch.long, device=b.device)

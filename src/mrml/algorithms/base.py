@@ -193,8 +193,10 @@ class MetaAlgorithm(abc.ABC):
         return self.log_l2.exp() if self.log_l2 is not None else float(self.config.l2)
 
     def zero_grad(self) -> None:
-        for p in self.outer_parameters() + list(self.model.parameters()):
+        for p in self.model.parameters():
             p.grad = None
+        if self.log_l2 is not None:
+            self.log_l2.grad = None
 
     # -- losses --------------------------------------------------------------------------------
     def regulariser(self, y: Params, centre: Params | None, lam: torch.Tensor | float | None = None) -> torch.Tensor:

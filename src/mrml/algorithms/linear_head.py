@@ -87,9 +87,6 @@ class LinearHeadLoss:
         dw = w if self.centre is None else w - self.centre
         return data + self.lam * (dw * v).sum()
 
-    def value(self, w: torch.Tensor) -> torch.Tensor:
-        return self.value_grad(w)[0]
-
     def value_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         value, grad = self.data_value_grad(w)
         if self.lam > 0:
@@ -122,14 +119,14 @@ class LinearHeadLoss:
         n, p1 = self.feats.shape
         c = w.shape[0]
         if n * c < c * p1:  # dual: (lam I + K A) z = J B over (n, C)
+            if b.dim() != 2:
+                raise ValueError("solve takes one right-hand side C x (d+1)")
             if self._kernel is None:
                 self._kernel = self.feats @ self.feats.T
             k = self._kernel
             s = torch.einsum("ij,jcd->icjd", k, a).reshape(n * c, n * c)
             s = s + lam * torch.eye(n * c, dtype=s.dtype, device=s.device)
-            jb = (b @ self.feats.T).T.reshape(n * c, -1) if b.dim() == 2 else None
-            if jb is None:
-                raise ValueError("solve takes one right-hand side C x (d+1)")
+            jb = (b @ self.feats.T).T.reshape(n * c, 1)
             z = torch.linalg.solve(s, jb).reshape(n, c)
             mz = torch.einsum("icd,id->ic", a, z)
             return (b - mz.T @ self.feats) / lam
