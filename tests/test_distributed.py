@@ -24,21 +24,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, iterations: int, world: int, port: int) -> list[subprocess.Popen]:
+def launch(out: Path, iterations: int | None, world: int, port: int, args: list[str] = ARGS,
+           entry: tuple[str, ...] = ("-m", "mrml")) -> list[subprocess.Popen]:
+    """`world` ranks of `python ENTRY train ARGS [--iterations N] --out OUT` over gloo on 127.0.0.1:port."""
+    its = ["--iterations", str(iterations)] if iterations is not None else []
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "mrml", "train", *ARGS, "--iterations", str(iterations), "--out", str(out)]
+        cmd = [sys.executable, *entry, "train", *args, *its, "--out", str(out)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
 
+def wait_for_records(out: Path, lines: int, timeout: float = 60) -> None:
+    """Poll until OUT/metrics.jsonl holds `lines` records (or the timeout passes)."""
+    metrics, deadline = out / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= lines):
+        time.sleep(0.2)
+
+
+def run_single(args: list[str], out: Path) -> None:
+    """The same training in one process (no distributed environment)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    subprocess.run([sys.executable, "-m", "mrml", "train", *args, "--out", str(out)], env=env, check=True,
+                   capture_output=True, timeout=120)
+
+
 def test_two_gloo_ranks_match_single_process(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    subprocess.run([sys.executable, "-m", "mrml", "train", *ARGS, "--iterations", "3", "--out", str(single)],
-                   env=env, check=True, capture_output=True, timeout=120)
+    run_single([*ARGS, "--iterations", "3"], single)
     procs = launch(multi, 3, 2, free_port())
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -60,15 +75,8 @@ def test_two_gloo_ranks_match_single_process_with_augment(tmp_path):
             "--val-episodes", "2", "--test-episodes", "2", "--no-progress", "--device", "cpu", "--dist-timeout", "30",
             "--iterations", "2", "--optimizer", "sgd", "--outer-lr", "0.5"]
     single, multi, port = tmp_path / "single", tmp_path / "multi", free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    subprocess.run([sys.executable, "-m", "mrml", "train", *args, "--out", str(single)], env=env, check=True,
-                   capture_output=True, timeout=120)
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "mrml", "train", *args, "--out", str(multi)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    run_single(args, single)
+    procs = launch(multi, None, 2, port, args)
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
@@ -81,10 +89,7 @@ def test_two_gloo_ranks_match_single_process_with_augment(tmp_path):
 def test_dead_rank_stops_the_other(tmp_path):
     out = tmp_path / "run"
     procs = launch(out, 100000, 2, free_port())
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
+    wait_for_records(out, 2)
     procs[1].send_signal(signal.SIGKILL)
     started = time.time()
     _, err = procs[0].communicate(timeout=60)
@@ -112,15 +117,8 @@ def test_validation_longer_than_the_timeout_does_not_starve_ranks(tmp_path):
     single, multi, port = tmp_path / "single", tmp_path / "multi", free_port()
     args = [*ARGS, "--val-episodes", "8", "--val-every", "1", "--iterations", "2"]
     args[args.index("--dist-timeout") + 1] = "3"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    subprocess.run([sys.executable, "-m", "mrml", "train", *args, "--out", str(single)], env=env, check=True,
-                   capture_output=True, timeout=120)
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", SLOW_VALIDATION, "train", *args, "--out", str(multi)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    run_single(args, single)
+    procs = launch(multi, None, 2, port, args, entry=("-c", SLOW_VALIDATION))
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
@@ -137,10 +135,7 @@ def test_validation_longer_than_the_timeout_does_not_starve_ranks(tmp_path):
 def test_sigterm_stops_every_rank_cleanly(tmp_path):
     out = tmp_path / "run"
     procs = launch(out, 100000, 2, free_port())
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        time.sleep(0.2)
+    wait_for_records(out, 3)
     for p in procs:
         p.send_signal(signal.SIGTERM)
     results = [p.communicate(timeout=60) for p in procs]
