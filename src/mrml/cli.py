@@ -140,17 +140,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, strict_dumps
-    from .config import RunConfig
-    from .train import build_run
-
+    from .train import build_run, likely_cause, restore, saved_config
     from .validation import EVAL_RANGES, check_all
 
     check_all(ns, EVAL_RANGES)
     state = load_checkpoint(ns.run_dir)
-    try:
-        cfg = RunConfig.from_dict(state["config"])
-    except TypeError as e:
-        raise UsageError(f"{Path(ns.run_dir) / 'checkpoint.pt'} is damaged: its config does not fit ({e})") from None
+    cfg = saved_config(state, ns.run_dir)
     if ns.data_root:
         if not Path(ns.data_root).is_dir():
             raise UsageError(f"--data-root {ns.data_root} is not a folder: pass the folder that holds the dataset")
@@ -163,20 +158,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         cfg.test_lr = ns.test_lr
     cfg.validate()
     run = build_run(cfg)
-    try:
-        run.model.load_state_dict(state["model"])
-        run.algo.load_state_dict(state.get("algo") or {})  # e.g. a learned lambda
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{Path(ns.run_dir) / 'checkpoint.pt'} does not fit the model its config builds "
-                         f"({' '.join(str(e).split())[:160]}): is it damaged?") from None
+    restore(run, state, Path(ns.run_dir), optimizer=False)  # model and algorithm state (e.g. a learned lambda)
     result = run.test(ns.split, ns.episodes, ns.seed, progress=not ns.json)
     result.update(run_dir=str(ns.run_dir), iteration=state["iteration"], algo=cfg.algo, dataset=cfg.dataset,
                   test_steps=cfg.test_steps, test_lr=cfg.test_lr)
     if not math.isfinite(result["loss"]):
-        from .train import likely_cause
-
-        solver = getattr(getattr(run.algo, "config", None), "inner_solver", "gd")
-        raise NonFiniteError(f"{ns.split} loss is not finite: {likely_cause(cfg, 'test', solver)}")
+        raise NonFiniteError(f"{ns.split} loss is not finite: {likely_cause(cfg, 'test', run.algo.config.inner_solver)}")
     if ns.json:
         print(strict_dumps(result))
     elif result["accuracy"] is not None:

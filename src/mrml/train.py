@@ -183,20 +183,14 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, iterat
     state = None
     if resume is not None:
         state = load_checkpoint(resume)
-        try:
-            cfg = RunConfig.from_dict(state["config"])
-        except TypeError as e:
-            raise UsageError(f"{Path(resume) / 'checkpoint.pt'} is damaged: its config does not fit ({e})") from None
+        cfg = saved_config(state, resume)
         cfg.out = str(resume)
         if iterations is not None:
-            if isinstance(iterations, int) and not isinstance(iterations, bool) and 0 <= iterations < state["iteration"]:
-                raise UsageError(f"--iterations {iterations} is below the {state['iteration']} iterations {resume} "
-                                 f"has done: give at least {state['iteration']}")
             cfg.iterations = iterations
         cfg.validate()
         if cfg.iterations < state["iteration"]:
-            raise UsageError(f"{resume} has done {state['iteration']} iterations, more than its {cfg.iterations}: "
-                             f"give --iterations {state['iteration']} or more")
+            raise UsageError(f"--iterations {cfg.iterations} is below the {state['iteration']} iterations {resume} "
+                             f"has done: give at least {state['iteration']}")
     elif cfg is not None:
         cfg.validate()
     assert cfg is not None
@@ -224,11 +218,20 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None, iterat
             lock.release()
 
 
-def _restore(run: Run, state: dict[str, Any], out: Path) -> None:
-    """Load model, optimizer and algorithm state; a checkpoint that does not fit the model is one line."""
+def saved_config(state: dict[str, Any], run_dir: str | Path) -> RunConfig:
+    """The RunConfig a checkpoint was written with; a config that does not fit is one line."""
+    try:
+        return RunConfig.from_dict(state["config"])
+    except TypeError as e:
+        raise UsageError(f"{Path(run_dir) / 'checkpoint.pt'} is damaged: its config does not fit ({e})") from None
+
+
+def restore(run: Run, state: dict[str, Any], out: Path, optimizer: bool = True) -> None:
+    """Load model, optimizer (unless `optimizer=False`) and algorithm state; a misfit is one line."""
     try:
         run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        if optimizer:
+            run.optimizer.load_state_dict(state["optimizer"])
         run.algo.load_state_dict(state.get("algo") or {})
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{out / 'checkpoint.pt'} does not fit the model its config builds "
@@ -266,7 +269,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
     done, elapsed, best, owed = 0, 0.0, None, False  # owed: the validation of iteration `done` is still to run
     plain = [0.0, 0]  # seconds and count of the iterations run outside the memory meter (the timing figure)
     if state is not None:
-        _restore(run, state, out)
+        restore(run, state, out)
         done, elapsed, best = state["iteration"], float(state["seconds"]), state.get("best_validation")
         plain = list(state.get("plain_timing", plain))
         owed = bool(state.get("validation_owed", False))
@@ -294,7 +297,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
     metrics = out / "metrics.jsonl"
     log = MetricsLog(metrics, cfg.tensorboard and ctx.is_main)
     params = run.algo.outer_parameters()
-    solver = getattr(getattr(run.algo, "config", None), "inner_solver", "gd")  # as the algorithm resolved it
+    solver = run.algo.config.inner_solver  # as the algorithm resolved it
 
     def cause(what: str) -> str:
         return likely_cause(cfg, what, solver)
