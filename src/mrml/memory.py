@@ -6,6 +6,10 @@ counted storage is uncounted when it is freed (a weak reference to its Python ob
 keeps alive exactly as long as the storage). Storages that existed before the block (parameters,
 inputs, old gradients) are recognised when they first appear as operator inputs and never counted.
 On CUDA, `torch.cuda.max_memory_allocated` is read as a cross-check.
+
+`TorchDispatchMode` is documented in PyTorch's "Extending PyTorch" notes but lives in the private
+module `torch.utils._python_dispatch` (no public path exists in torch 2.13): it is the one private
+import of the package, and why pyproject's torch floor is the version CI tests (.ci/run).
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_iter
+
+from .pytree import leaves
 
 MiB = float(2**20)
 
@@ -80,11 +85,11 @@ class PeakMemoryMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        for a in tree_iter((args, kwargs)):
+        for a in leaves((args, kwargs)):
             if isinstance(a, torch.Tensor) and not a.is_meta:
                 self._mark_known(a)
         out = func(*args, **kwargs)
-        for o in tree_iter(out):
+        for o in leaves(out):
             if isinstance(o, torch.Tensor) and not o.is_meta:
                 self._count(o)
         return out
