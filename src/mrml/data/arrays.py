@@ -299,11 +299,25 @@ class ConformedImages(ClassImages):
 def conform(dataset: Any, input_shape: Sequence[int]) -> Any:
     """`dataset` with its images served at `input_shape` (C, H, W): resized, channels converted 1 <-> 3.
 
-    A dataset that is not a `FewShotDataset` of images (a generated regression family) is returned as is.
+    A dataset already of that shape, or not a `FewShotDataset` of images (a generated regression
+    family), is returned as is; other channel counts are a one-line UsageError.
+
+    Example:
+        >>> import numpy as np
+        >>> from mrml.data import conform, from_arrays
+        >>> rgb = np.zeros((4, 3, 32, 32), dtype=np.uint8)
+        >>> conform(from_arrays(rgb, [0, 0, 1, 1], splits="test"), (1, 28, 28)).input_shape
+        (1, 28, 28)
     """
     if not isinstance(dataset, FewShotDataset) or len(input_shape) != 3:
         return dataset
     c, h, w = (int(v) for v in input_shape)
+    have = tuple(dataset.input_shape)
+    if have == (c, h, w):
+        return dataset
+    if len(have) != 3 or (have[0] != c and {have[0], c} != {1, 3}):
+        raise UsageError(f"images of {dataset.name} are shaped {have}, the model takes {(c, h, w)}: only sizes and "
+                         f"1 <-> 3 channels can be converted")
     parts = {s: ConformedImages(part, c, (h, w)) for s, part in dataset.splits.items()}
     info = {**dataset.info, "input_shape": (c, h, w)}
     return ArrayDataset(dataset.name, splits=parts, kind=dataset.kind, info=info)
