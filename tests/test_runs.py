@@ -52,7 +52,10 @@ def digits(per_class: int = 20, size: int = 32, seed: int = 0) -> tuple[np.ndarr
 
 def test_load_run_restores_weights_learner_and_config(glyph_run):
     state = torch.load(glyph_run / "checkpoint.pt", weights_only=True)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
     run = mrml.load_run(glyph_run)
+    assert torch.equal(torch.random.get_rng_state(), before)  # loading does not reseed the caller's generator
     assert isinstance(run, mrml.LoadedRun) and isinstance(run.learner, mrml.MRML) and run.learner.model is run.model
     assert run.input_shape == (1, 28, 28) and run.iteration == 2 and run.config.ways == 3 and run.config.dataset == "glyphs"
     assert state["model_spec"] == {"backbone": "conv4", "width": 4, "kind": "classification", "input_shape": [1, 28, 28],

@@ -97,7 +97,6 @@ class LoadedRun:
     run_dir: Path
     device: torch.device
     dtype: torch.dtype
-    _state: dict[str, Any] = field(repr=False, default_factory=dict)
     _learners: dict[int, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -116,7 +115,8 @@ class LoadedRun:
         if ways == self.config.ways or self.kind != "classification":
             return self.learner
         if ways not in self._learners:
-            self._learners[ways] = _build(self.config, self.spec, ways, self._state, self.run_dir).algo
+            state = {"model": self.model.state_dict(), "algo": self.learner.state_dict()}
+            self._learners[ways] = _build(self.config, self.spec, ways, state, self.run_dir).algo
         return self._learners[ways]
 
     def evaluate(self, dataset: Any, split: str = "test", episodes: int = 600, ways: int | None = None,
@@ -137,7 +137,7 @@ class LoadedRun:
             progress: show a progress bar.
 
         Returns:
-            dict with accuracy (None for regression), ci95 (1.96 std / sqrt(T)), loss, loss_ci95,
+            dict with accuracy (None for regression), ci95 (1.96 sample std / sqrt(T)), loss, loss_ci95,
             episodes, split, seed, ways, shots, query and dataset (its name).
 
         Example:
@@ -186,7 +186,8 @@ def _build(cfg: Any, spec: dict[str, Any], ways: int, state: dict[str, Any], pat
     from .train import build_run, restore
 
     shapes = _Shapes(spec["kind"], tuple(spec["input_shape"]), spec["outputs"], cfg.ways)
-    run = build_run(replace(cfg, ways=ways, threads=None), source=shapes)  # threads: the caller's process decides
+    with torch.random.fork_rng(devices=[]):  # build_run seeds torch: leave the caller's (CPU) generator as it was
+        run = build_run(replace(cfg, ways=ways, threads=None), source=shapes)  # threads: the caller decides
     saved = state["model"] if ways == cfg.ways else _refit_head(run, state["model"], ways, cfg, path)
     restore(run, {**state, "model": saved}, path, optimizer=False)
     return run
@@ -244,7 +245,7 @@ def load_run(path: str | Path, device: str | None = "cpu", *, test_steps: int | 
     spec = _spec(state, cfg, path)
     run = _build(cfg, spec, cfg.ways, state, path)
     return LoadedRun(model=run.model, learner=run.algo, config=cfg, input_shape=tuple(spec["input_shape"]), spec=spec,
-                     iteration=state["iteration"], run_dir=path, device=run.device, dtype=run.dtype, _state=state)
+                     iteration=state["iteration"], run_dir=path, device=run.device, dtype=run.dtype)
 
 
 # -------------------------------------------------------------------------------- evaluation datasets
