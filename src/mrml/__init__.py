@@ -11,9 +11,10 @@ from .algorithms import ANIL, FOMAML, IMAML, ITDBiO, MAML, MRML, ProtoNet, Repti
 from .data import Episode, build_dataset, episode_rng
 from .implicit import CGInfo, conjugate_gradient
 from .memory import PeakMemoryMeter
+from .runs import LoadedRun, load_run
 
 __version__ = "0.1.0"
 
 __all__ = ["ALGORITHMS", "ANIL", "AlgoConfig", "CGInfo", "Episode", "FOMAML", "IMAML", "ITDBiO", "MAML", "MRML",
-           "MetaAlgorithm", "PeakMemoryMeter", "ProtoNet", "Reptile", "StepStats", "build_algorithm",
-           "build_dataset", "conjugate_gradient", "episode_rng"]
+           "LoadedRun", "MetaAlgorithm", "PeakMemoryMeter", "ProtoNet", "Reptile", "StepStats", "build_algorithm",
+           "build_dataset", "conjugate_gradient", "episode_rng", "load_run"]

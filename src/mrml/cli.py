@@ -101,12 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", default=None, help="continue the run in DIR where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("eval", help="meta-test the checkpoint of a run folder")
+    p = sub.add_parser("eval", help="meta-test the checkpoint of a run folder (on its dataset or another)")
     p.add_argument("run_dir", metavar="DIR")
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--seed", type=int, default=None, help="episode seed (default: the run's eval seed)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--data-root", default=None, help="dataset folder, if it moved since training")
+    p.add_argument("--dataset", default=None, help="test on this dataset instead of the run's (images resized and "
+                                                   "converted to the run's input shape)")
+    p.add_argument("--data-root", default=None, help="dataset folder (of --dataset, or the run's if it moved)")
+    p.add_argument("--split-file", default=None, help="class split JSON of the dataset (on-disk benchmarks)")
+    p.add_argument("--ways", type=int, default=None, help="classes per episode (default: the run's)")
+    p.add_argument("--shots", type=int, default=None, help="support examples per class (default: the run's)")
+    p.add_argument("--query", type=int, default=None, help="query examples per class (default: the run's)")
     p.add_argument("--device", default=None)
     p.add_argument("--test-steps", type=int, default=None, help="test-time adaptation steps (default: the run's)")
     p.add_argument("--test-lr", type=float, default=None, help="test-time adaptation step size (default: the run's)")
@@ -139,38 +145,37 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, strict_dumps
-    from .train import build_run, likely_cause, restore, saved_config
+    from .checkpoint import strict_dumps
+    from .runs import eval_dataset, load_run
+    from .train import likely_cause
     from .validation import EVAL_RANGES, check_all
 
     check_all(ns, EVAL_RANGES)
-    state = load_checkpoint(ns.run_dir)
-    cfg = saved_config(state, ns.run_dir)
-    if ns.data_root:
-        if not Path(ns.data_root).is_dir():
-            raise UsageError(f"--data-root {ns.data_root} is not a folder: pass the folder that holds the dataset")
-        cfg.data_root = ns.data_root
-    if ns.device:
-        cfg.device = ns.device
-    if ns.test_steps is not None:
-        cfg.test_steps = ns.test_steps
-    if ns.test_lr is not None:
-        cfg.test_lr = ns.test_lr
-    cfg.validate()
-    run = build_run(cfg)
-    restore(run, state, Path(ns.run_dir), optimizer=False)  # model and algorithm state (e.g. a learned lambda)
-    result = run.test(ns.split, ns.episodes, ns.seed, progress=not ns.json)
-    result.update(run_dir=str(ns.run_dir), iteration=state["iteration"], algo=cfg.algo, dataset=cfg.dataset,
+    if ns.data_root and not Path(ns.data_root).is_dir():
+        raise UsageError(f"--data-root {ns.data_root} is not a folder: pass the folder that holds the dataset")
+    run = load_run(ns.run_dir, device=ns.device, test_steps=ns.test_steps, test_lr=ns.test_lr,
+                   data_root=ns.data_root if ns.dataset is None else None)  # the run's own data, moved
+    cfg = run.config
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    dataset = eval_dataset(run, ns.dataset, ns.data_root, ns.split_file)
+    name = ns.dataset or cfg.dataset
+    result = run.evaluate(dataset, ns.split, ns.episodes, ns.ways, ns.shots, ns.query,
+                          cfg.eval_seed if ns.seed is None else ns.seed, progress=not ns.json)
+    result.update(run_dir=str(ns.run_dir), iteration=run.iteration, algo=cfg.algo, dataset=name,
                   test_steps=cfg.test_steps, test_lr=cfg.test_lr)
     if not math.isfinite(result["loss"]):
-        raise NonFiniteError(f"{ns.split} loss is not finite: {likely_cause(cfg, 'test', run.algo.config.inner_solver)}")
+        raise NonFiniteError(f"{ns.split} loss is not finite: {likely_cause(cfg, 'test', run.learner.config.inner_solver)}")
+    on = f", {name}" if name != cfg.dataset else ""
     if ns.json:
         print(strict_dumps(result))
     elif result["accuracy"] is not None:
         print(f"{ns.split} accuracy: {100 * result['accuracy']:.2f}% ± {100 * result['ci95']:.2f}% "
-              f"({result['episodes']} episodes, seed {result['seed']}, iteration {state['iteration']})")
+              f"({result['episodes']} episodes, seed {result['seed']}, iteration {run.iteration}{on})")
     else:
-        print(f"{ns.split} loss: {result['loss']:.4f} ± {result['loss_ci95']:.4f} ({result['episodes']} episodes)")
+        print(f"{ns.split} loss: {result['loss']:.4f} ± {result['loss_ci95']:.4f} ({result['episodes']} episodes{on})")
     return 0
 
 
@@ -184,7 +189,7 @@ def cmd_data(ns: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}
 # modules that add subcommands: each has add_commands(subparsers, COMMANDS) registering name -> handler
-PLUGIN_COMMANDS: list[str] = ["mrml.bench", "mrml.report"]
+PLUGIN_COMMANDS: list[str] = ["mrml.bench", "mrml.report", "mrml.runs"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from .errors import Interrupted, NonFiniteError, UsageError
 from .evaluate import episode_scores, meta_test, summarize
 from .memory import PeakMemoryMeter
 from .models import build_model
+from .models.backbones import DEFAULT_WIDTH
 from .runlock import RunLock
 
 
@@ -91,18 +92,28 @@ class Run:
                          self.device, self.dtype, progress)
 
 
-def build_run(cfg: RunConfig, local_rank: int = 0) -> Run:
+def model_spec(cfg: RunConfig, source: Any) -> dict[str, Any]:
+    """What `build_model` needs to rebuild the run's network (saved in its checkpoints as `model_spec`)."""
+    backbone = cfg.backbone if source.kind == "classification" or cfg.backbone != "conv4" else "mlp"
+    return {"backbone": backbone, "width": cfg.width or DEFAULT_WIDTH.get(backbone), "kind": source.kind,
+            "input_shape": [int(v) for v in source.input_shape], "outputs": int(source.num_outputs(cfg.ways))}
+
+
+def build_run(cfg: RunConfig, local_rank: int = 0, source: Any = None) -> Run:
+    """The run `cfg` describes; `source` (given) stands in for its dataset, which is then not read or checked."""
     device = pick_device(cfg.device, local_rank)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     dtype = getattr(torch, cfg.dtype)
-    source = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options())
-    for split in ("train", "validation", "test"):
-        source.check_episode(split, cfg.ways, cfg.shots, cfg.query)
+    if source is None:
+        source = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options())
+        for split in ("train", "validation", "test"):
+            source.check_episode(split, cfg.ways, cfg.shots, cfg.query)
     torch.manual_seed(cfg.seed)
-    backbone = cfg.backbone if source.kind == "classification" or cfg.backbone != "conv4" else "mlp"
+    spec = model_spec(cfg, source)
+    backbone = spec["backbone"]
     try:
-        model = build_model(backbone, source.input_shape, source.num_outputs(cfg.ways), cfg.width).to(device, dtype)
+        model = build_model(backbone, tuple(spec["input_shape"]), spec["outputs"], cfg.width).to(device, dtype)
     except RuntimeError as e:
         raise UsageError(f"backbone {backbone!r} cannot take inputs of shape {tuple(source.input_shape)} "
                          f"({str(e).splitlines()[0]}): pick a larger --image-size or another --backbone") from None
@@ -284,6 +295,8 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
     if cfg.preset and state is None and ctx.is_main:
         print(f"preset {cfg.preset} for {cfg.algo}: " + json.dumps(cfg.to_dict()), file=stream)
 
+    spec = model_spec(cfg, run.source)
+
     def checkpoint(validation_owed: bool = False) -> None:
         if not ctx.is_main:
             return
@@ -292,6 +305,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
             "plain_timing": plain, "validation_owed": validation_owed,
             "augment_calls": done * cfg.meta_batch * cfg.ways,  # where the augmentation counter resumes
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "algo": run.algo.state_dict(),
+            "model_spec": spec,  # what rebuilds the network without its dataset (mrml.load_run, mrml export)
         })
 
     metrics = out / "metrics.jsonl"

@@ -43,7 +43,32 @@ def dataset_names() -> list[str]:
 
 
 def build_dataset(name: str, root: str | Path | None = None, **options: Any) -> Any:
-    """Build the task source `name`; raises UsageError for an unknown name or missing root."""
+    """Build the task source `name` (embedded, generated, or read from the user's files under `root`).
+
+    Args:
+        name: one of `dataset_names()`: glyphs, sinusoid, cifar-fs, fc100, mini-imagenet,
+            tiered-imagenet, omniglot, or one added with `register`.
+        root: folder holding the files of an on-disk benchmark (see DATA_FORMATS.md); glyphs: its cache.
+        **options: builder options, e.g. `image_size`, `split_file`, `rotations`, `augment`, `seed`.
+
+    Returns:
+        A task source with `episode(split, ways, shots, query, rng)`, `check_episode(...)`, `kind`
+        and `input_shape` (image datasets: a `FewShotDataset`).
+
+    Raises:
+        UsageError: one line for an unknown name, a missing root or a bad option (DataError for bad files).
+
+    Example:
+        >>> from mrml.data import build_dataset, episode_rng
+        >>> tasks = build_dataset("sinusoid")
+        >>> ep = tasks.episode("test", 1, 5, 10, episode_rng(0, "test", 0))
+        >>> tasks.kind, tuple(ep.support_x.shape), tuple(ep.query_y.shape)
+        ('regression', (5, 1), (10,))
+        >>> build_dataset("mnist")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mrml.errors.UsageError: unknown dataset 'mnist': expected one of ...
+    """
     if name not in _MODULES and name not in _BUILDERS:
         raise UsageError(f"unknown dataset {name!r}: expected one of {', '.join(dataset_names())}")
     if name in ON_DISK and root is None:
