@@ -290,6 +290,7 @@ def implicit_solve(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Te
     - a callable `solve(matvec, b) -> x` (torchopt's contract, e.g. `mrml.implicit.cg_solver()`); its
       statistics are the relative residual (one product more), iterations 0.
     """
+    _check_implicit(implicit, damping, lr, steps)
     if callable(implicit):
         v = implicit(matvec, rhs)
         bnorm = rhs.norm(dim=-1).clamp_min(torch.finfo(rhs.dtype).tiny)
@@ -300,15 +301,20 @@ def implicit_solve(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Te
     if implicit == "cg":
         return conjugate_gradient(matvec, rhs, cg_steps, cg_tol, x0=v0)
     if implicit == "damped":
-        if damping is None or not damping >= 0:
-            raise UsageError(f"implicit='damped' needs damping >= 0 (got {damping!r})")
         return conjugate_gradient(lambda v: matvec(v) + damping * v, rhs, cg_steps, cg_tol, x0=v0)
-    if implicit == "neumann":
-        if lr is None or steps is None or not lr > 0 or steps < 1:
-            raise UsageError(f"implicit='neumann' needs lr > 0 and steps >= 1 (got lr={lr!r}, steps={steps!r})")
-        return neumann_series(matvec, rhs, lr, steps)
-    raise UsageError(f"implicit must be one of {', '.join(IMPLICIT_METHODS)} or a solve(matvec, b) callable "
-                     f"(got {implicit!r})")
+    return neumann_series(matvec, rhs, lr, steps)
+
+
+def _check_implicit(implicit: str | Callable, damping: float | None, lr: float | None, steps: int | None) -> None:
+    if callable(implicit):
+        return
+    if implicit not in IMPLICIT_METHODS:
+        raise UsageError(f"implicit must be one of {', '.join(IMPLICIT_METHODS)} or a solve(matvec, b) callable "
+                         f"(got {implicit!r})")
+    if implicit == "damped" and (damping is None or not damping >= 0):
+        raise UsageError(f"implicit='damped' needs damping >= 0 (got {damping!r})")
+    if implicit == "neumann" and (lr is None or steps is None or not lr > 0 or steps < 1):
+        raise UsageError(f"implicit='neumann' needs lr > 0 and steps >= 1 (got lr={lr!r}, steps={steps!r})")
 
 
 def mixed_term(g: Objective, x: Params, y: Params, v: torch.Tensor, batch: Any, *, batched: bool = False,
@@ -387,6 +393,7 @@ def hypergradient(g: Objective, f: Callable[[Params, Params, Any], Any], x: Para
     yd = _detached(y)
     if not yd:
         raise UsageError("y must be a non-empty dict of tensors (the inner solution)")
+    _check_implicit(implicit, damping, lr, steps)
     x_d, inner_d, outer_d = _detached(x), detach(inner_batch), detach(outer_batch)
     rhs = outer_gradient(f, x_d, yd, outer_d, batched=batched, has_aux=has_aux)
     if isinstance(v0, dict):
