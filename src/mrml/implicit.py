@@ -111,7 +111,8 @@ def _flat_tree(tree: Any) -> torch.Tensor:
     if not ts:
         raise UsageError("solve(matvec, b): b must be a tensor or a dict/list/tuple of tensors (got no tensor)")
     if len({t.dtype for t in ts}) > 1:
-        raise UsageError(f"solve(matvec, b): the tensors of b must share one dtype (got {sorted({str(t.dtype) for t in ts})})")
+        dtypes = sorted({str(t.dtype) for t in ts})
+        raise UsageError(f"solve(matvec, b): the tensors of b must share one dtype (got {dtypes})")
     return torch.cat([t.reshape(-1) for t in ts])
 
 
@@ -181,7 +182,8 @@ def cg_solver(steps: int = 20, tol: float = 1e-10, *, ridge: float | None = None
         >>> a = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
         >>> matvec = lambda t: {"u": a @ t["u"], "s": 3.0 * t["s"]}
         >>> solve = cg_solver(steps=10)
-        >>> x = solve(matvec, {"u": torch.tensor([3.0, 3.0], dtype=torch.float64), "s": torch.tensor(6.0, dtype=torch.float64)})
+        >>> b = {"u": torch.tensor([3.0, 3.0], dtype=torch.float64), "s": torch.tensor(6.0, dtype=torch.float64)}
+        >>> x = solve(matvec, b)
         >>> x["u"], x["s"], solve.info.converged
         (tensor([1., 1.], dtype=torch.float64), tensor(2., dtype=torch.float64), True)
     """

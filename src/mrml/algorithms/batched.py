@@ -308,7 +308,8 @@ class TaskBatched:
 
 
 def batched_meta_gradient(algo: "MRML", episodes: list[Episode], task_ids: list[Any] | None = None,
-                          scale: float | None = None, chunk: int | None = None, *, accumulate: bool = False) -> StepStats:
+                          scale: float | None = None, chunk: int | None = None, *,
+                          accumulate: bool = False) -> StepStats:
     """`MRML.meta_gradient` in chunks of `chunk` (default `config.task_chunk`) tasks; see the module docstring.
     `accumulate=True` adds to the existing `.grad` instead of zeroing it first."""
     runner = getattr(algo, "_task_batched", None)

@@ -111,8 +111,9 @@ class MRML(MetaAlgorithm):
         cfg = self.config
         if cfg.inner_solver == "newton" and self.head is not None:
             return super().solve_inner(xa, y0, feats, labels, steps, lr, centre)
-        y, info = fn.solve_inner(self.inner_objective, xa, y0, (feats, labels, centre, None), solver=cfg.inner_solver,
-                                 steps=steps, lr=lr, tol=cfg.inner_tol, guard=not cfg.plain_inner, cg_steps=cfg.cg_steps)
+        y, info = fn.solve_inner(self.inner_objective, xa, y0, (feats, labels, centre, None),
+                                 solver=cfg.inner_solver, steps=steps, lr=lr, tol=cfg.inner_tol,
+                                 guard=not cfg.plain_inner, cg_steps=cfg.cg_steps)
         self.last_inner, self.last_inner_lr = info.as_inner_info(), info.lr
         return y
 
