@@ -47,6 +47,10 @@ def test_hypergradient_equals_closed_form_at_exact_inner_solution(implicit):
     ref = true_hypergradient(x["x"], [ep], LAM)
     torch.testing.assert_close(grads["x"], ref, rtol=1e-10, atol=1e-13)
     assert info.solve.residual < 1e-10 and info.solve.nonpositive_curvature == 0
+    if implicit == "cg":  # warm start from the solution (a dict like y): nothing left to do
+        _, warm = hypergradient(ridge_g, ridge_f, x, y, inner_batch=(ep.support_x, ep.support_y),
+                                outer_batch=(ep.query_x, ep.query_y), cg_steps=50, cg_tol=1e-9, v0=info.v)
+        assert warm.solve.iterations == 0 and info.solve.iterations > 2
     assert float(info.outer_loss) == pytest.approx(float(ridge_f(x, y, (ep.query_x, ep.query_y))), rel=1e-14)
     assert set(info.stats()) >= {"outer_loss", "cg_iterations", "cg_residual", "nonpositive_curvature"}
     # a wrong v (one CG step) gives a different answer: the comparison can fail
