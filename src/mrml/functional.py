@@ -375,8 +375,8 @@ def hypergradient(g: Objective, f: Callable[[Params, Params, Any], Any], x: Para
             yourself (into x and anything attached in the batches) instead of the x-gradients.
 
     Returns:
-        (grads, info): grads a dict {name: d/dx} over the x entries that require grad (or the surrogate),
-        and a `HypergradientInfo`.
+        (grads, info): grads a dict {name: d/dx} over the x entries that require grad (summed over tasks
+        when batched), or the surrogate; and a `HypergradientInfo`.
 
     Example:
         >>> import torch
