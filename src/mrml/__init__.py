@@ -9,12 +9,14 @@ from __future__ import annotations
 from .algorithms import ALGORITHMS, AlgoConfig, MetaAlgorithm, StepStats, build_algorithm
 from .algorithms import ANIL, FOMAML, IMAML, ITDBiO, MAML, MRML, ProtoNet, Reptile
 from .data import Episode, build_dataset, episode_rng
-from .implicit import CGInfo, conjugate_gradient
+from .functional import HypergradientInfo, InnerSolveInfo, hypergradient, solve_inner
+from .implicit import CGInfo, cg_solver, conjugate_gradient
 from .memory import PeakMemoryMeter
 from .runs import LoadedRun, load_run
 
 __version__ = "0.1.0"
 
-__all__ = ["ALGORITHMS", "ANIL", "AlgoConfig", "CGInfo", "Episode", "FOMAML", "IMAML", "ITDBiO", "MAML", "MRML",
-           "LoadedRun", "MetaAlgorithm", "PeakMemoryMeter", "ProtoNet", "Reptile", "StepStats", "build_algorithm",
-           "build_dataset", "conjugate_gradient", "episode_rng", "load_run"]
+__all__ = ["ALGORITHMS", "ANIL", "AlgoConfig", "CGInfo", "Episode", "FOMAML", "HypergradientInfo", "IMAML", "ITDBiO",
+           "InnerSolveInfo", "LoadedRun", "MAML", "MRML", "MetaAlgorithm", "PeakMemoryMeter", "ProtoNet", "Reptile",
+           "StepStats", "build_algorithm", "build_dataset", "cg_solver", "conjugate_gradient", "episode_rng",
+           "hypergradient", "load_run", "solve_inner"]

@@ -3,13 +3,20 @@
 Used by every implicit algorithm (`mrml`, `imaml`): solve A v = b where only the product A p is
 available. Vectors are flat, with optional leading batch dimensions; each batch row is solved
 independently, and rows stop updating once their residual is below tolerance.
+
+`cg_solver()` wraps the solver in the `solve(matvec, b)` form that torchopt's `custom_root(...,
+solve=...)` (and jaxopt's) takes: b and the solution are tensor trees (a tensor, or dicts, lists and
+tuples of tensors).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+
+from .errors import UsageError
+from .pytree import leaves, tree_map
 
 
 @dataclass
@@ -35,6 +42,21 @@ def conjugate_gradient(
 
     Stops a row when ||r|| <= tol * max(||b||, tiny). A direction with p'Ap <= 0 means A is not
     positive definite there: that row keeps its current iterate and is reported, never divided by.
+
+    Args:
+        matvec: v -> A v on flat vectors (with the leading batch dimensions of `b`, row by row).
+        b: right-hand side, (n,) or (..., n) rows solved independently.
+        max_iter: most CG steps.  tol: relative residual at which a row stops.  x0: starting point.
+
+    Returns:
+        (x, info): the solution shaped as b, and `CGInfo` (iterations, worst relative residual, ...).
+
+    Example:
+        >>> import torch
+        >>> a = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> x, info = conjugate_gradient(lambda v: a @ v, torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> x, info.iterations, info.converged
+        (tensor([0.0909, 0.6364], dtype=torch.float64), 2, True)
     """
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - matvec(x) if x0 is not None else b.clone()
@@ -82,3 +104,87 @@ def neumann_series(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tens
     iters = torch.full(b.shape[:-1], terms, dtype=torch.long, device=b.device)
     rows = {"iterations": iters, "residual": resid, "bad": torch.zeros_like(iters, dtype=torch.bool)}
     return v, CGInfo(terms, float(resid.max()), False, 0, rows)
+
+
+def _flat_tree(tree: Any) -> torch.Tensor:
+    ts = leaves(tree)
+    if not ts:
+        raise UsageError("solve(matvec, b): b must be a tensor or a dict/list/tuple of tensors (got no tensor)")
+    if len({t.dtype for t in ts}) > 1:
+        dtypes = sorted({str(t.dtype) for t in ts})
+        raise UsageError(f"solve(matvec, b): the tensors of b must share one dtype (got {dtypes})")
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _unflat_tree(v: torch.Tensor, like: Any) -> Any:
+    pos = [0]
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        i = pos[0]
+        pos[0] += t.numel()
+        return v[i : i + t.numel()].reshape(t.shape)
+
+    return tree_map(take, like)
+
+
+class CGSolve:
+    """A `solve(matvec, b, *, ridge=None, init=None, is_sdp=None) -> x` over tensor trees by
+    `conjugate_gradient` (see `cg_solver`). The last call's `CGInfo` is kept in `.info`."""
+
+    def __init__(self, steps: int = 20, tol: float = 1e-10, ridge: float | None = None, init: Any = None,
+                 is_sdp: bool = True):
+        if not (isinstance(steps, int) and steps >= 1) or not tol > 0:
+            raise UsageError(f"cg_solver needs steps >= 1 and tol > 0 (got steps={steps!r}, tol={tol!r})")
+        if ridge is not None and not ridge >= 0:
+            raise UsageError(f"cg_solver: ridge must be >= 0 (got {ridge!r})")
+        self.steps, self.tol, self.ridge, self.init, self.is_sdp = steps, tol, ridge, init, is_sdp
+        self.info: CGInfo | None = None
+
+    def __call__(self, matvec: Callable[[Any], Any], b: Any, *, ridge: float | None = None, init: Any = None,
+                 is_sdp: bool | None = None) -> Any:
+        ridge = self.ridge if ridge is None else ridge
+        init = self.init if init is None else init
+        is_sdp = self.is_sdp if is_sdp is None else is_sdp
+        bf = _flat_tree(b)
+
+        def flat_matvec(v: torch.Tensor) -> torch.Tensor:
+            out = _flat_tree(matvec(_unflat_tree(v, b))).to(v.dtype)
+            return out + ridge * v if ridge else out
+
+        x0 = _flat_tree(init).to(bf.dtype) if init is not None else None
+        if is_sdp:
+            x, self.info = conjugate_gradient(flat_matvec, bf, self.steps, self.tol, x0=x0)
+        else:  # symmetric but possibly indefinite: CG on the normal equations A A x = A b
+            x, self.info = conjugate_gradient(lambda v: flat_matvec(flat_matvec(v)), flat_matvec(bf), self.steps,
+                                              self.tol, x0=x0)
+        return _unflat_tree(x, b)
+
+
+def cg_solver(steps: int = 20, tol: float = 1e-10, *, ridge: float | None = None, init: Any = None,
+              is_sdp: bool = True) -> CGSolve:
+    """A linear solver `solve(matvec, b) -> x` in the form torchopt's `custom_root(optimality_fn, argnums,
+    solve=...)` and its `linear_solve` functions use: `matvec` maps a tensor tree (tensor, or dict/list/
+    tuple of tensors) to one of the same structure, b is such a tree, the solution comes back in b's
+    structure. Solves (A + ridge I) x = b by at most `steps` conjugate-gradient steps (relative residual
+    `tol`), from `init` (a tree like b) if given; `is_sdp=False`: A symmetric but not known to be
+    positive definite, solved as A^2 x = A b. `ridge`, `init`, `is_sdp` may also be given per call.
+    The last call's statistics are in `.info` (`CGInfo`).
+
+    Args:
+        steps: most CG steps.  tol: relative residual at which CG stops.
+        ridge: optional ridge added to A.  init: optional starting point.  is_sdp: whether A is positive definite.
+
+    Returns:
+        A `CGSolve` callable.
+
+    Example:
+        >>> import torch
+        >>> a = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> matvec = lambda t: {"u": a @ t["u"], "s": 3.0 * t["s"]}
+        >>> solve = cg_solver(steps=10)
+        >>> b = {"u": torch.tensor([3.0, 3.0], dtype=torch.float64), "s": torch.tensor(6.0, dtype=torch.float64)}
+        >>> x = solve(matvec, b)
+        >>> x["u"], x["s"], solve.info.converged
+        (tensor([1., 1.], dtype=torch.float64), tensor(2., dtype=torch.float64), True)
+    """
+    return CGSolve(steps, tol, ridge, init, is_sdp)

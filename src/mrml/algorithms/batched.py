@@ -8,16 +8,21 @@ Per chunk of C episodes of equal shapes (stacked along a new leading task dimens
   rule computes, without its copies -- the same memory per task as the per-task form, and faster);
   any other trunk runs under `torch.func.vmap` over tasks of `functional_call(trunk, params, x)`
   (`config.extra["trunk_batching"] = "vmap"` forces that);
-- inner loop: K steps of `vmap(torch.func.grad(g))` on the detached features, the per-task inner
-  variables stacked along the leading dim (no graph is kept), with the per-task form's divergence
-  guard (a step that increases g is retried at half the step size) decided task by task;
-- right-hand side `vmap(grad(f))`, then conjugate gradient on (C, n) flat vectors, each row solved
-  independently (it stops at tolerance), with Hessian-vector products as in the per-task form:
-  d_y sum_c g_c of a vmapped forward, with graph, built once; each product one backward through it
-  (the Hessian of sum_c g_c is block diagonal: row c gets H_c v_c);
-- the surrogate sum_c f_c(x, y_K) - <d_y g_c(x, y_K), v_c>: a vmapped forward differentiated with
-  ordinary autograd (create_graph for d_y g, as the per-task form does), backpropagated once into the
-  `.grad` of the model parameters.
+- then the functional core (`mrml.functional`) with `batched=True`: g and f are the per-task losses
+  under `torch.func.vmap` (one value per task), differentiated with ordinary autograd -- the per-task
+  gradients are those of sum_c g_c, as g_c depends on y_c alone:
+  - inner loop `solve_inner`: K steps on the detached features, the per-task inner variables stacked
+    along the leading dim (no graph is kept), with the per-task form's divergence guard decided task
+    by task (`descend_tasks`: masks, no host synchronisation per step);
+  - `hypergradient`: right-hand side d_y f, conjugate gradient on (C, n) flat rows, each row solved
+    independently (it stops at tolerance), Hessian-vector products from the graph of d_y sum_c g_c
+    built once (block diagonal over tasks: row c gets H_c v_c); the surrogate
+    sum_c f_c(x, y_K) - <d_y g_c(x, y_K), v_c> (create_graph for d_y g, as the per-task form does),
+    backpropagated once into the `.grad` of the model parameters.
+  (Forward over reverse, vmap(jvp(grad(g))), would recompute the graph every product and hits a
+  ZeroTensor error in the MSE loss's forward-mode derivative in torch 2.13; torch.func.grad inside
+  vmap is avoided for the surrogate: its batch-norm backward rule gives a wrong gradient with respect
+  to the input under outer autograd, pytorch/functorch#534.)
 
 `MRML.meta_gradient` comes here when `task_chunk` > 1, or when `amp` or `compile` is set (then in
 chunks of `task_chunk`, possibly 1). A model whose batch norm updates running statistics in training
@@ -45,96 +50,17 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
+from .. import functional as fn
+from .. import pytree
 from ..data.base import Episode
-from ..implicit import conjugate_gradient
 from ..models.split import Params, Stages
 from ..precision import amp_dtype, autocast
-from .base import MAX_HALVINGS, AlgoConfig, MetaAlgorithm, StepStats, detached, guard_rtol, mean_stats
+from .base import AlgoConfig, StepStats, detached, mean_stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from .mrml import MRML
-
-
-# -- stacked parameter helpers -----------------------------------------------------------------
-def bflat(ps: Params) -> torch.Tensor:
-    """dict of (C, *shape) tensors -> (C, n) rows (the per-task `flat`, row by row)."""
-    return torch.cat([t.reshape(t.shape[0], -1) for t in ps.values()], dim=1)
-
-
-def bunflat(v: torch.Tensor, like: Params) -> Params:
-    """(C, n) rows -> dict of (C, *shape) tensors shaped as `like` (stacked)."""
-    out, i = {}, 0
-    for k, t in like.items():
-        n = t[0].numel()
-        out[k] = v[:, i : i + n].reshape(t.shape)
-        i += n
-    return out
-
-
-def stack_params(ps: list[Params]) -> Params:
-    return {k: torch.stack([p[k] for p in ps]) for k in ps[0]}
-
-
-# -- the inner loop over a chunk ----------------------------------------------------------------
-def batched_gradient_descent(
-    grad_and_value_fn: Callable[[Params], tuple[Params, torch.Tensor]], y: Params, steps: int, lr: float,
-    guard: bool = True,
-) -> tuple[Params, torch.Tensor]:
-    """`MetaAlgorithm.gradient_descent` for each task of a chunk, the tasks stacked along dim 0.
-
-    The same rule per task: `steps` accepted steps y <- y - lr d_y g; an evaluation at which g went up
-    (or is not finite) by more than `guard_rtol` relative, with fewer than `MAX_HALVINGS` so far, is taken back
-    and retried from the previous point with half the step size, kept for that task's remaining steps.
-    Decisions are per task (masks, no synchronisation) until `steps` evaluations are done; then, only
-    if some task retried, the loop goes on for those. `grad_and_value_fn(y)` -> (d_y g per task, g per
-    task (C,)). Returns y_K and each task's final step size (float64, (C,)). `guard=False`: plain
-    gradient descent (`config.plain_inner`).
-    """
-    y = dict(y)
-    first = next(iter(y.values()))
-    C, device = first.shape[0], first.device
-    lr_t = torch.full((C,), float(lr), dtype=torch.float64, device=device)
-    done = torch.zeros(C, dtype=torch.long, device=device)
-    halvings = torch.zeros(C, dtype=torch.long, device=device)
-    has_prev = torch.zeros(C, dtype=torch.bool, device=device)
-    prev_g = torch.zeros(C, dtype=torch.float64, device=device)
-    prev_y: Params = dict(y)
-    prev_gr: Params = {k: torch.zeros_like(v) for k, v in y.items()}
-
-    def rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return mask.view(-1, *([1] * (like.dim() - 1)))
-
-    if not guard:
-        for _ in range(steps):
-            gr, _ = grad_and_value_fn(y)
-            y = {k: v - lr * gr[k] for k, v in y.items()}
-        return y, lr_t
-    rtol = guard_rtol(first.dtype)
-    evaluations = 0
-    while evaluations < steps or bool((done < steps).any()):
-        gr, g = grad_and_value_fn(y)
-        gv = g.detach().to(torch.float64)  # the per-task form compares Python floats (float64)
-        active = done < steps
-        worse = ~(gv <= prev_g + rtol * prev_g.abs())
-        reject = active & has_prev & worse & (halvings < MAX_HALVINGS)
-        accept = active & ~reject
-        lr_t = torch.where(reject, 0.5 * lr_t, lr_t)
-        halvings = halvings + reject.long()
-        new_y, new_prev_y, new_prev_gr = {}, {}, {}
-        for k, v in y.items():
-            step = rows(lr_t, v).to(v.dtype)
-            a, r = rows(accept, v), rows(reject, v)
-            new_y[k] = torch.where(a, v - step * gr[k], torch.where(r, prev_y[k] - step * prev_gr[k], v))
-            new_prev_y[k] = torch.where(a, v, prev_y[k])
-            new_prev_gr[k] = torch.where(a, gr[k], prev_gr[k])
-        y, prev_y, prev_gr = new_y, new_prev_y, new_prev_gr
-        prev_g = torch.where(accept, gv, prev_g)
-        has_prev = has_prev | accept
-        done = done + accept.long()
-        evaluations += 1
-    return y, lr_t
 
 
 # -- the trunk over a chunk of tasks -------------------------------------------------------------
@@ -273,8 +199,9 @@ def _has_running_stats(model: nn.Module) -> bool:
 
 
 def _shape_key(ep: Episode) -> tuple:
-    return (tuple(ep.support_x.shape), tuple(ep.query_x.shape), tuple(ep.support_y.shape), tuple(ep.query_y.shape),
-            ep.support_x.dtype, ep.support_y.dtype, ep.support_x.device)
+    xs, qs = pytree.leaves(ep.support_x), pytree.leaves(ep.query_x)
+    return (tuple(tuple(t.shape) for t in xs), tuple(tuple(t.shape) for t in qs), tuple(ep.support_y.shape),
+            tuple(ep.query_y.shape), tuple(t.dtype for t in xs), ep.support_y.dtype, xs[0].device)
 
 
 def chunks(episodes: list[Episode], size: int) -> list[list[int]]:
@@ -305,15 +232,18 @@ class TaskBatched:
                 cfg.extra.get("trunk_batching", "grouped"))
 
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
-                      scale: float | None = None, chunk: int | None = None) -> StepStats:
+                      scale: float | None = None, chunk: int | None = None, accumulate: bool = False) -> StepStats:
         algo = self.algo
         if _has_running_stats(algo.model):
             if not self.warned:
                 warnings.warn("the model has batch norm updating running statistics (per-task updates cannot be "
                               "batched): using the per-task loop", stacklevel=3)
                 self.warned = True
-            return MetaAlgorithm.meta_gradient(algo, episodes, task_ids, scale)
-        algo.zero_grad()
+            from .mrml import per_task_meta_gradient
+
+            return per_task_meta_gradient(algo, episodes, task_ids, scale, accumulate)
+        if not accumulate:
+            algo.zero_grad()
         scale = 1.0 / len(episodes) if scale is None else scale
         ids = task_ids if task_ids is not None else [None] * len(episodes)
         size = max(1, int(chunk if chunk is not None else algo.config.task_chunk))
@@ -323,106 +253,67 @@ class TaskBatched:
         return mean_stats(per_task)
 
     def chunk_gradient(self, eps: list[Episode], ids: list[Any], scale: float) -> list[StepStats]:
+        """Accumulate scale x the hypergradient of each task of `eps` (equal shapes) into `.grad`."""
         algo, cfg, split = self.algo, self.algo.config, self.algo.split
-        C = len(eps)
-        sx = torch.stack([ep.support_x for ep in eps])
-        qx = torch.stack([ep.query_x for ep in eps])
-        sy = torch.stack([ep.support_y for ep in eps])
-        qy = torch.stack([ep.query_y for ep in eps])
+        sx, qx = pytree.stack([ep.support_x for ep in eps]), pytree.stack([ep.query_x for ep in eps])
+        sy, qy = torch.stack([ep.support_y for ep in eps]), torch.stack([ep.query_y for ep in eps])
         init = split.inner_init()
         dtype = next(iter(init.values())).dtype
 
         # trunk once per image set, with gradient, all tasks of the chunk at once
         fs, fq = self.trunk(sx, dtype), self.trunk(qx, dtype)
         xa = split.adapt_outer()
-        xa_d, fs_d, fq_d = detached(xa), fs.detach(), fq.detach()
-        centre_d, centre = algo.centre(False), algo.centre(True)
+        xa_d = detached(xa)
+
+        def g(x: Params, y: Params, batch: tuple) -> torch.Tensor:  # one value per task
+            feats, labels, centre, lam = batch
+            return vmap(lambda yc, fc, lc: algo.inner_loss(x, yc, fc, lc, centre, lam))(y, feats, labels)
+
+        def f(x: Params, y: Params, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+            feats, labels = batch
+            return vmap(lambda yc, fc, lc: algo.outer_objective(x, yc, (fc, lc)))(y, feats, labels)
 
         warm = [algo._warm.get(t) if (cfg.warm_start and t is not None) else None for t in ids]
-        y = stack_params([w[0] if w is not None else detached(init) for w in warm])
-
-        def g_task(yc: Params, fc: torch.Tensor, lc: torch.Tensor) -> torch.Tensor:
-            return algo.inner_loss(xa_d, yc, fc, lc, centre_d)
-
-        def f_task(yc: Params, fc: torch.Tensor, lc: torch.Tensor) -> torch.Tensor:
-            return algo.loss(split.predict({**xa_d, **yc}, fc), lc)
-
-        with torch.no_grad():
-            # K gradient steps (with the per-task form's divergence guard), batched over the chunk
-            step = vmap(grad_and_value(g_task))
-            y, inner_lr = batched_gradient_descent(
-                lambda yc: step(yc, fs_d, sy), y, cfg.inner_steps, cfg.inner_lr, guard=not cfg.plain_inner
-            )
-            # right-hand side d_y f(x, y_K), and ||d_y g(y_K)|| per task (the inner solve's statistic)
-            rhs = bflat(vmap(grad(f_task))(y, fq_d, qy))
-            inner_norms = bflat(step(y, fs_d, sy)[0]).norm(dim=1).tolist()
-
-        # v by CG on (C, n) rows. Hessian-vector products as in the per-task form: the graph of
-        # d_y sum_c g_c (block diagonal over tasks) is built once, each product is one backward pass
-        # through it. (Forward over reverse, vmap(jvp(grad(g))), recomputes that graph every product
-        # and hits a ZeroTensor error in the MSE loss's forward-mode derivative in torch 2.13.)
-        yh = detached(y, requires_grad=True)
-        with torch.enable_grad():
-            gsum = vmap(g_task)(yh, fs_d, sy).sum()
-            gy_h = torch.autograd.grad(gsum, list(yh.values()), create_graph=True)
-
-        def matvec(v: torch.Tensor) -> torch.Tensor:
-            hv = torch.autograd.grad(gy_h, list(yh.values()), grad_outputs=list(bunflat(v, yh).values()),
-                                     retain_graph=True)
-            return bflat(dict(zip(yh, hv))).detach()
-
+        y0 = pytree.stack([w[0] if w is not None else detached(init) for w in warm])
+        y, inner = fn.solve_inner(g, xa_d, y0, (pytree.detach(fs), sy, algo.centre(False), None), solver="gd",
+                                  steps=cfg.inner_steps, lr=cfg.inner_lr, guard=not cfg.plain_inner, batched=True)
         v0 = None
         if any(w is not None for w in warm):
-            v0 = torch.stack([w[1] if w is not None else torch.zeros_like(rhs[0]) for w in warm])
-        v, cg = conjugate_gradient(matvec, rhs, cfg.cg_steps, cfg.cg_tol, x0=v0)
-        info = cg.rows  # per task: iterations, residual, bad (non-positive curvature)
-        del gsum, gy_h, yh
+            n = sum(t[0].numel() for t in y.values())
+            v0 = torch.stack([w[1] if w is not None else y[next(iter(y))].new_zeros(n) for w in warm])
+        surrogate, info = fn.hypergradient(g, f, xa, y, inner_batch=(fs, sy, algo.centre(True), algo.l2_attached()),
+                                           outer_batch=(fq, qy), cg_steps=cfg.cg_steps, cg_tol=cfg.cg_tol, v0=v0,
+                                           inner_info=inner, has_aux=True, batched=True, return_surrogate=True)
+        (scale * surrogate).backward()
 
+        v = fn.flatten(info.v, batched=True)
         if cfg.warm_start:
             for c, t in enumerate(ids):
                 if t is not None:
                     algo._warm[t] = ({k: t_[c].clone() for k, t_ in y.items()}, v[c].clone())
-
-        # surrogate sum_c f_c(x, y_K) - <d_y g_c(x, y_K), v_c>: vmapped forward, ordinary autograd
-        # (the per-task gradients d_y g_c are those of sum_c g_c, as g_c depends on y_c alone), then
-        # one backward through the trunk into `.grad`. (Not torch.func.grad inside vmap here: its
-        # batch-norm backward rule gives a wrong gradient with respect to the input under outer
-        # autograd, pytorch/functorch#534.)
-        yr = detached(y, requires_grad=True)
-
-        def g_outer(yc: Params, fc: torch.Tensor, lc: torch.Tensor) -> torch.Tensor:
-            return algo.inner_loss(xa, yc, fc, lc, centre)
-
-        def f_outer(yc: Params, fc: torch.Tensor, lc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            pred = split.predict({**xa, **yc}, fc)
-            return algo.loss(pred, lc), pred
-
-        g = vmap(g_outer)(yr, fs, sy)
-        gy = torch.autograd.grad(g.sum(), list(yr.values()), create_graph=True)
-        mixed = (bflat(dict(zip(yr, gy))) * v).sum(-1)
-        f, pred = vmap(f_outer)(y, fq, qy)
-        (scale * (f - mixed).sum()).backward()
-
-        losses = f.detach().tolist()
-        task_accs = algo.loss.accuracies(pred.detach(), qy)
-        accs: list[float | None] = task_accs.tolist() if task_accs is not None else [None] * C
-        its, res, bad = info["iterations"].tolist(), info["residual"].tolist(), info["bad"].tolist()
-        lrs = inner_lr.tolist()
+        losses = info.outer_loss.tolist()
+        task_accs = algo.loss.accuracies(info.aux.detach(), qy)
+        accs: list[float | None] = task_accs.tolist() if task_accs is not None else [None] * len(eps)
+        rows = info.solve.rows  # per task: iterations, residual, bad (non-positive curvature)
+        its, res, bad = rows["iterations"].tolist(), rows["residual"].tolist(), rows["bad"].tolist()
+        lrs, norms = inner.rows["lr"].tolist(), inner.rows["grad_norm"].tolist()
         return [
             StepStats(float(losses[c]), accs[c], {
                 "cg_iterations": float(its[c]), "cg_residual": float(res[c]), "nonpositive_curvature": float(bad[c]),
                 "inner_lr": float(lrs[c]), "inner_iterations": float(cfg.inner_steps),
-                "inner_grad_norm": float(inner_norms[c]), "inner_capped": 0.0, "inner_stalled": 0.0,
+                "inner_grad_norm": float(norms[c]), "inner_capped": 0.0, "inner_stalled": 0.0,
             })
-            for c in range(C)
+            for c in range(len(eps))
         ]
 
 
 def batched_meta_gradient(algo: "MRML", episodes: list[Episode], task_ids: list[Any] | None = None,
-                          scale: float | None = None, chunk: int | None = None) -> StepStats:
-    """`MRML.meta_gradient` in chunks of `chunk` (default `config.task_chunk`) tasks; see the module docstring."""
+                          scale: float | None = None, chunk: int | None = None, *,
+                          accumulate: bool = False) -> StepStats:
+    """`MRML.meta_gradient` in chunks of `chunk` (default `config.task_chunk`) tasks; see the module docstring.
+    `accumulate=True` adds to the existing `.grad` instead of zeroing it first."""
     runner = getattr(algo, "_task_batched", None)
     if runner is None or runner.signature != TaskBatched.settings(algo.config):
         runner = TaskBatched(algo)
         algo._task_batched = runner  # type: ignore[attr-defined]
-    return runner.meta_gradient(episodes, task_ids, scale, chunk)
+    return runner.meta_gradient(episodes, task_ids, scale, chunk, accumulate)

@@ -34,18 +34,26 @@ which the surrogate's backward already yields (its inner-gradient term holds lam
 
 With a proximal inner loss (inner part wider than the head), the centre y0 is an outer variable and
 the same surrogate yields its gradient lam * v: this is iMAML's (I + H/lam)^{-1} d_y f.
+
+The steps are those of the functional core (`mrml.functional`: `solve_inner`, `outer_gradient`,
+`hessian_vector_product` + `implicit_solve`, `mixed_term`, composed as `hypergradient` composes them)
+with g = `inner_objective` and f = `outer_objective` built from the model; the closed forms of a
+linear head (the exact Newton solve, `direct`) take the place of the autograd ones where they apply.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
+from .. import functional as fn
 from ..data.base import Episode
 from ..errors import UsageError
-from ..implicit import CGInfo, conjugate_gradient, neumann_series
+from ..implicit import CGInfo
 from ..models.split import Params
-from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, flat, unflat
+from ..pytree import detach
+from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, mean_stats
 from .linear_head import LinearHeadLoss
 
 
@@ -73,17 +81,43 @@ class MRML(MetaAlgorithm):
                              "use --inner-solver gd --implicit cg without --learn-l2, or drop those options")
         self._warm: dict[Any, tuple[Params, torch.Tensor]] = {}
 
-    # -- task-batched path (mrml.algorithms.batched): chunks of `task_chunk` tasks, amp, compile --
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
-                      scale: float | None = None) -> StepStats:
+                      scale: float | None = None, *, accumulate: bool = False) -> StepStats:
+        """`MetaAlgorithm.meta_gradient`; `accumulate=True` adds to the existing `.grad` instead of
+        zeroing it first. Task-batched (mrml.algorithms.batched) when `task_chunk` > 1, amp or compile."""
         if self.config.batched:
             from .batched import batched_meta_gradient
 
-            return batched_meta_gradient(self, episodes, task_ids, scale)
-        return super().meta_gradient(episodes, task_ids, scale)
-    # -- end of the task-batched hook -------------------------------------------------------------
+            return batched_meta_gradient(self, episodes, task_ids, scale, accumulate=accumulate)
+        return per_task_meta_gradient(self, episodes, task_ids, scale, accumulate)
 
-    def solve(self, xa: Params, y: Params, fs: torch.Tensor, ys: torch.Tensor, rhs: torch.Tensor,
+    # -- g and f as the functional core takes them ------------------------------------------------
+    def inner_objective(self, x: Params, y: Params, batch: tuple) -> torch.Tensor:
+        """g(x, y, batch) with batch = (support features, labels, centre or None, lambda or None)."""
+        feats, labels, centre, lam = batch
+        return self.inner_loss(x, y, feats, labels, centre, lam)
+
+    def outer_objective(self, x: Params, y: Params, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(x, y, batch), predictions) with batch = (query features, labels)."""
+        feats, labels = batch
+        pred = self.split.predict({**x, **y}, feats)
+        return self.loss(pred, labels), pred
+
+    # -- Algorithm 1's steps: inner solve, rhs, linear system, mixed term -------------------------
+    def solve_inner(self, xa: Params, y0: Params, feats: Any, labels: torch.Tensor, steps: int, lr: float,
+                    centre: Params | None) -> Params:
+        """`MetaAlgorithm.solve_inner` by `mrml.functional.solve_inner` (the closed-form Newton solve of a
+        linear head stays the base one). Statistics in `self.last_inner`, step size in `self.last_inner_lr`."""
+        cfg = self.config
+        if cfg.inner_solver == "newton" and self.head is not None:
+            return super().solve_inner(xa, y0, feats, labels, steps, lr, centre)
+        y, info = fn.solve_inner(self.inner_objective, xa, y0, (feats, labels, centre, None),
+                                 solver=cfg.inner_solver, steps=steps, lr=lr, tol=cfg.inner_tol,
+                                 guard=not cfg.plain_inner, cg_steps=cfg.cg_steps)
+        self.last_inner, self.last_inner_lr = info.as_inner_info(), info.lr
+        return y
+
+    def solve(self, xa: Params, y: Params, fs: Any, ys: torch.Tensor, rhs: torch.Tensor,
               centre: Params | None, v0: torch.Tensor | None = None) -> tuple[torch.Tensor, CGInfo]:
         """v for the surrogate by `config.implicit`, at y with x detached (see the module docstring)."""
         cfg = self.config
@@ -98,52 +132,35 @@ class MRML(MetaAlgorithm):
             zero = torch.zeros((), dtype=torch.long)
             return self.head.to_flat(v), CGInfo(0, float(resid), True, 0, {"iterations": zero, "residual": resid,
                                                                              "bad": zero.bool()})
-        yr = detached(y, requires_grad=True)
-        with torch.enable_grad():
-            g = self.inner_loss(xa, yr, fs, ys, centre)
-            grads = torch.autograd.grad(g, list(yr.values()), create_graph=True)
+        hvp = fn.hessian_vector_product(self.inner_objective, xa, y, (fs, ys, centre, None))
+        lr, k = self.last_inner_lr, cfg.inner_steps
+        damping = max(0.0, 1.0 / (lr * max(k, 1)) - self.l2) if cfg.implicit == "damped" else None
+        return fn.implicit_solve(hvp, rhs, implicit=cfg.implicit, cg_steps=cfg.cg_steps, cg_tol=cfg.cg_tol, v0=v0,
+                                 damping=damping, lr=lr, steps=k)
 
-        def hvp(v: torch.Tensor) -> torch.Tensor:
-            parts = list(unflat(v, yr).values())
-            hv = torch.autograd.grad(grads, list(yr.values()), grad_outputs=parts, retain_graph=True)
-            return flat(hv).detach()
-
-        if cfg.implicit == "neumann":
-            return neumann_series(hvp, rhs, self.last_inner_lr, cfg.inner_steps)
-        if cfg.implicit == "damped":
-            delta = max(0.0, 1.0 / (self.last_inner_lr * max(cfg.inner_steps, 1)) - self.l2)
-            return conjugate_gradient(lambda v: hvp(v) + delta * v, rhs, cfg.cg_steps, cfg.cg_tol, x0=v0)
-        return conjugate_gradient(hvp, rhs, cfg.cg_steps, cfg.cg_tol, x0=v0)
-
-    def query_gradient(self, xa: Params, y: Params, fq: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
+    def query_gradient(self, xa: Params, y: Params, fq: Any, qy: torch.Tensor) -> torch.Tensor:
         """d_y f(x, y), flat, x detached (closed form on the `direct` path; autograd, as the paper's
         routine computes it, otherwise)."""
         if self.config.implicit == "direct":
             w = self.head.matrix(y)
             query = LinearHeadLoss.build(fq, qy, self.loss.kind, 0.0, self.head.bias is not None)
             return self.head.to_flat(query.data_value_grad(w)[1])
-        yr = detached(y, requires_grad=True)
-        with torch.enable_grad():
-            fy = self.loss(self.split.predict({**xa, **yr}, fq), qy)
-            return flat(torch.autograd.grad(fy, list(yr.values()))).detach()
+        return fn.outer_gradient(self.outer_objective, xa, y, (fq, qy), has_aux=True)
 
-    def mixed_term(self, xa: Params, y: Params, v: torch.Tensor, fs: torch.Tensor, ys: torch.Tensor,
+    def mixed_term(self, xa: Params, y: Params, v: torch.Tensor, fs: Any, ys: torch.Tensor,
                    centre: Params | None) -> torch.Tensor:
         """<d_y g(x, y), v> with y, v constant and x (trunk features, outer part, centre, lambda) attached."""
         lam = self.l2_attached()
         if self.config.implicit == "direct":
             w = self.head.matrix(detached(y))
             return self.head_loss(fs, ys, centre, lam).grad_dot(w, self.head.from_flat(v, w))
-        yr = detached(y, requires_grad=True)
-        g = self.inner_loss(xa, yr, fs, ys, centre, lam)
-        gy = torch.autograd.grad(g, list(yr.values()), create_graph=True)
-        return (flat(gy) * v).sum()
+        return fn.mixed_term(self.inner_objective, xa, y, v, (fs, ys, centre, lam))
 
     def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
         cfg, split = self.config, self.split
         fs, fq = split.features(ep.support_x), split.features(ep.query_x)  # with gradient, once
         xa = split.adapt_outer()
-        xa_d, fs_d, fq_d = detached(xa), fs.detach(), fq.detach()
+        xa_d, fs_d, fq_d = detached(xa), detach(fs), detach(fq)
         warm = self._warm.get(task_id) if (cfg.warm_start and task_id is not None) else None
         y0 = warm[0] if warm is not None else split.inner_init()
         y = self.solve_inner(xa_d, y0, fs_d, ep.support_y, cfg.inner_steps, cfg.inner_lr, self.centre(False))
@@ -155,8 +172,7 @@ class MRML(MetaAlgorithm):
 
         # surrogate f(x, y) - <d_y g(x, y), v>: one backward through the trunk
         mixed = self.mixed_term(xa, y, v, fs, ep.support_y, self.centre(True))
-        pred = split.predict({**xa, **detached(y)}, fq)
-        f = self.loss(pred, ep.query_y)
+        f, pred = self.outer_objective(xa, detached(y), (fq, ep.query_y))
         (scale * (f - mixed)).backward()
         stats = {"cg_iterations": float(info.iterations), "cg_residual": info.residual,
                  "nonpositive_curvature": float(info.nonpositive_curvature), "inner_lr": self.last_inner_lr,
@@ -172,3 +188,19 @@ class MRML(MetaAlgorithm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._warm = dict(state.get("warm", {}))
+
+
+def per_task_meta_gradient(algo: MetaAlgorithm, episodes: list[Episode], task_ids: list[Any] | None,
+                           scale: float | None, accumulate: bool) -> StepStats:
+    """`MetaAlgorithm.meta_gradient` task by task; with `accumulate`, `.grad` is added to, not reset (passed
+    on to the base method where it takes that keyword; otherwise the task loop runs here without zero_grad)."""
+    if not accumulate:
+        return MetaAlgorithm.meta_gradient(algo, episodes, task_ids, scale)
+    if _BASE_ACCUMULATES:
+        return MetaAlgorithm.meta_gradient(algo, episodes, task_ids, scale, accumulate=True)  # type: ignore[call-arg]
+    scale = 1.0 / len(episodes) if scale is None else scale
+    ids = task_ids if task_ids is not None else [None] * len(episodes)
+    return mean_stats([algo.task_gradient(ep, scale, tid) for ep, tid in zip(episodes, ids)])
+
+
+_BASE_ACCUMULATES = "accumulate" in inspect.signature(MetaAlgorithm.meta_gradient).parameters
