@@ -25,7 +25,7 @@ from ..errors import UsageError
 from ..models.split import ModelSplit, Params, split_model
 from .inner import InnerInfo, newton_cg, newton_head
 from .linear_head import HeadLayout, LinearHeadLoss, closed_form_head
-from .losses import LOSS_KINDS, CallableLoss, Loss, TaskLoss, make_loss
+from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
 
 INNER_SOLVERS = ("gd", "newton")
 IMPLICIT_SYSTEMS = ("cg", "direct", "damped", "neumann")
