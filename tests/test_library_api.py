@@ -125,6 +125,23 @@ def test_trunk_given_as_module_and_closed_form_head_detected():
     assert MRML(model, "classification", trunk="features", inner_loss=smoothed_cross_entropy).head is None
 
 
+def test_dotted_trunk_name_reaches_a_nested_module(tiny):
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = CNN()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    model = Outer()
+    learner = MRML(model, "classification", AlgoConfig(inner="net.classifier"), trunk="net.features")
+    assert learner.head is not None and learner.split.trunk is model.net.features
+    calls = count_calls(model.net.features)
+    learner.meta_gradient(image_episodes(tiny, 2))
+    assert calls[0] == 4 and model.net.features.conv1.weight.grad is not None
+
+
 def test_explicit_trunk_gives_the_automatic_splits_hypergradient(tiny):
     """The same network as a FewShotNet (automatic stages) and as a custom module with trunk=...:
     identical meta-gradients and adapted predictions (float64)."""
@@ -301,6 +318,22 @@ def test_forward_using_its_input_beyond_the_trunk_is_a_usage_error(tiny):
     learner = ANIL(Skip(), "classification", AlgoConfig(inner="classifier"), trunk="features")
     with pytest.raises(UsageError, match="uses its input other than by passing it to the trunk"):
         learner.meta_gradient(image_episodes(tiny, 1))
+
+
+def test_trunk_called_twice_or_never_is_a_usage_error(tiny):
+    class Twice(CNNWithHidden):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(torch.tanh(self.hidden(self.features(x) + self.features(x))))
+
+    class Never(CNNWithHidden):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(torch.tanh(self.hidden(x.flatten(1)[:, : self.hidden.in_features])))
+
+    ep = image_episodes(tiny, 1)
+    with pytest.raises(UsageError, match="called the trunk 'features' 2 times"):
+        ANIL(Twice(), "classification", AlgoConfig(inner="classifier"), trunk="features").meta_gradient(ep)
+    with pytest.raises(UsageError, match="never called the trunk 'features'"):
+        ANIL(Never(), "classification", AlgoConfig(inner="classifier"), trunk="features").meta_gradient(ep)
 
 
 # -- (d) adapted parameters -------------------------------------------------------------------------------
