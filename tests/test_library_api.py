@@ -292,7 +292,7 @@ def test_dict_inputs_with_the_automatic_split(cls):
     ({"trunk": nn.Linear(2, 2)}, "the trunk module .Linear. is not a submodule of CNN"),
     ({"trunk": "features", "inner": "features.conv1"}, "inner part 'features.conv1' includes parameters of the trunk"),
     ({"trunk": "features", "inner": "all"}, "inner part 'all' includes parameters of the trunk 'features'"),
-    ({"trunk": "features", "inner": "nothing"}, "inner part 'nothing' names no parameter"),
+    ({"trunk": "features", "inner": "nothing"}, "inner part 'nothing' names no parameter: .* such as 'classifier'"),
     ({"trunk": "features", "recompute_features": True}, "recompute_features"),
 ])
 def test_bad_input_is_a_one_line_usage_error(kwargs, match):

@@ -59,8 +59,9 @@ def model_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [("", model)]
 
 
-def resolve_inner(model: nn.Module, spec: str) -> list[str]:
-    """Names of the inner parameters of `model` under `spec`."""
+def resolve_inner(model: nn.Module, spec: str, hint: str | None = None) -> list[str]:
+    """Names of the inner parameters of `model` under `spec` (`hint`: a parameter name to suggest
+    a prefix of in the error, default the first)."""
     names = [n for n, _ in model.named_parameters()]
     if spec == "all":
         return names
@@ -75,14 +76,15 @@ def resolve_inner(model: nn.Module, spec: str) -> list[str]:
     if not chosen:
         raise UsageError(
             f"inner part {spec!r} names no parameter: use head, last-block, all, or name prefixes "
-            f"such as {names[0].rsplit('.', 1)[0]!r}"
+            f"such as {(hint or names[0]).rsplit('.', 1)[0]!r}"
         )
     return chosen
 
 
 @dataclass
 class ModelSplit:
-    """`trunk` (outer only) then `adapt`; adapt's parameters are outer (`outer_names`) or inner."""
+    """`trunk` (outer only) then `adapt`; adapt's parameters are outer (`outer_names`) or inner.
+    With an explicit trunk, `features` runs the model's forward up to the trunk (`run_trunk`)."""
 
     model: nn.Module
     trunk: nn.Module
@@ -117,11 +119,6 @@ class ModelSplit:
     def to_model_names(self, params: Params) -> Params:
         """Adapt-local names -> the model's parameter names."""
         return {self.model_name[k]: v for k, v in params.items()}
-
-    def from_model_names(self, params: Params) -> Params:
-        """The model's parameter names -> adapt-local names (names outside the adapted part dropped)."""
-        local = {m: k for k, m in self.model_name.items()}
-        return {local[k]: v for k, v in params.items() if k in local}
 
 
 # -- explicit trunk ------------------------------------------------------------------------------
@@ -295,10 +292,10 @@ def explicit_split(model: nn.Module, inner: str | None, trunk: str | nn.Module) 
     if inner is None:
         inner_model = rest_names
     else:
-        inner_model = resolve_inner(model, inner)
+        inner_model = resolve_inner(model, inner, hint=rest_names[-1])
         inside = [n for n, p in named if n in set(inner_model) and id(p) in trunk_ids]
         if inside:
-            hint = rest_names[0].rsplit(".", 1)[0]
+            hint = rest_names[-1].rsplit(".", 1)[0]
             raise UsageError(f"inner part {inner!r} includes parameters of the trunk {path!r} ({inside[0]}, ...): "
                              f"the trunk is outer-only; name parameters outside it, e.g. {hint!r}")
     linear = _linear_of(model, inner_model)
