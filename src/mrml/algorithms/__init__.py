@@ -1,7 +1,7 @@
 """Meta-learning algorithms by name, all over one interface (`MetaAlgorithm`)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -10,7 +10,7 @@ from .anil import ANIL
 from .base import AlgoConfig, MetaAlgorithm, StepStats
 from .imaml import IMAML
 from .itd_bio import ITDBiO
-from .losses import TaskLoss
+from .losses import CallableLoss, TaskLoss, make_loss
 from .maml import FOMAML, MAML
 from .mrml import MRML
 from .protonet import ProtoNet
@@ -27,12 +27,14 @@ def register_algorithm(cls: type[MetaAlgorithm]) -> type[MetaAlgorithm]:
     return cls
 
 
-def build_algorithm(name: str, model: nn.Module, loss: TaskLoss | str, config: AlgoConfig) -> MetaAlgorithm:
-    """The algorithm `name` over `model`; raises UsageError for an unknown name."""
+def build_algorithm(name: str, model: nn.Module, loss: TaskLoss | str | Callable, config: AlgoConfig | None = None,
+                    **kwargs: Any) -> MetaAlgorithm:
+    """The algorithm `name` over `model`; `kwargs` (`trunk=`, `inner_loss=`) go to its constructor
+    (see `MetaAlgorithm`). Raises UsageError for an unknown name."""
     if name not in ALGORITHMS:
         raise UsageError(f"unknown algorithm {name!r}: expected one of {', '.join(sorted(ALGORITHMS))}")
-    return ALGORITHMS[name](model, loss, config)
+    return ALGORITHMS[name](model, loss, config, **kwargs)
 
 
-__all__ = ["ALGORITHMS", "ANIL", "AlgoConfig", "FOMAML", "IMAML", "ITDBiO", "MAML", "MetaAlgorithm", "MRML", "ProtoNet",
-           "Reptile", "StepStats", "TaskLoss", "build_algorithm", "register_algorithm"]
+__all__ = ["ALGORITHMS", "ANIL", "AlgoConfig", "CallableLoss", "FOMAML", "IMAML", "ITDBiO", "MAML", "MetaAlgorithm", "MRML",
+           "ProtoNet", "Reptile", "StepStats", "TaskLoss", "build_algorithm", "make_loss", "register_algorithm"]

@@ -2,7 +2,9 @@
 
 An algorithm wraps a model split into trunk and inner part (`mrml.models.split`), and offers:
 - `meta_gradient(episodes)`: fill `.grad` of the outer parameters with the meta-gradient averaged
-  over the episodes, return the step's statistics (query loss, accuracy, solver figures);
+  over the episodes (or add it, `accumulate=True`), return the step's statistics (query loss,
+  accuracy, solver figures);
+- `adapted_parameters(episode)` -> the inner parameters after test-time adaptation, by model name;
 - `adapt(episode)` -> query predictions after test-time adaptation (for evaluation).
 The outer optimizer is an ordinary `torch.optim` optimizer over `outer_parameters()`.
 """
@@ -17,12 +19,13 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .. import pytree
 from ..data.base import Episode
 from ..errors import UsageError
 from ..models.split import ModelSplit, Params, split_model
 from .inner import InnerInfo, newton_cg, newton_head
 from .linear_head import HeadLayout, LinearHeadLoss, closed_form_head
-from .losses import TaskLoss
+from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
 
 INNER_SOLVERS = ("gd", "newton")
 IMPLICIT_SYSTEMS = ("cg", "direct", "damped", "neumann")
@@ -109,7 +112,49 @@ def detached(ps: Params, requires_grad: bool = False) -> Params:
 
 
 class MetaAlgorithm(abc.ABC):
-    """Base: model split, losses, the regularised inner loss g and plain inner gradient descent."""
+    """Base of the meta-learning algorithms: model split, losses, the regularised inner loss g and
+    plain inner gradient descent.
+
+    Args:
+        model: any `nn.Module`; its parameters split into outer ones (the optimizer's) and the inner
+            part adapted per task (`config.inner`).
+        loss: the query (outer) loss f: "classification", "regression", a `TaskLoss`, or any callable
+            `loss(pred, target) -> scalar tensor` (accuracy is then reported when pred are (n, C)
+            logits and target integer labels).
+        config: the shared settings (`AlgoConfig`).
+        trunk: None: the automatic split (`mrml.models.split`); else a submodule of `model` (its name,
+            dotted names allowed, or the module) that the forward calls once on the input: it runs
+            once per input set with gradient and the inner loop re-runs only the rest on its detached
+            output. With a trunk and `config.inner` None, every parameter outside it adapts.
+        inner_loss: the data term of the inner loss g on the support set, when it differs from
+            `loss` (same forms); g adds the regulariser. Closed forms of a linear head apply only to
+            a built-in kind with the same inner and outer loss.
+
+    Raises:
+        UsageError: a misspelt or non-callable loss, an unknown trunk, an inner spec naming no
+            parameter or parameters of the trunk, or settings this algorithm does not accept.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mrml import MRML, AlgoConfig, Episode
+        >>> _ = torch.manual_seed(0)
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.features = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        ...         self.classifier = nn.Linear(8, 3)
+        ...     def forward(self, x):
+        ...         return self.classifier(self.features(x))
+        >>> learner = MRML(Net(), "classification", AlgoConfig(inner="classifier"), trunk="features")
+        >>> opt = torch.optim.Adam(learner.outer_parameters(), lr=1e-2)
+        >>> labels = torch.arange(3)
+        >>> ep = Episode(torch.randn(6, 4), labels.repeat(2), torch.randn(9, 4), labels.repeat(3))
+        >>> stats = learner.meta_gradient([ep])
+        >>> opt.step()
+        >>> learner.adapt(ep).shape
+        torch.Size([9, 3])
+    """
 
     name = "base"
     #: whether the inner part's initial value is learned (MAML family) or fixed (mrml/ITD-BiO head)
@@ -127,22 +172,31 @@ class MetaAlgorithm(abc.ABC):
     #: whether lambda is learned by default where the exact inner solve is the default (mrml's head)
     default_learn_l2 = False
 
-    def __init__(self, model: nn.Module, loss: TaskLoss | str = "classification", config: AlgoConfig | None = None):
+    def __init__(self, model: nn.Module, loss: TaskLoss | str | Callable = "classification",
+                 config: AlgoConfig | None = None, *, trunk: str | nn.Module | None = None,
+                 inner_loss: TaskLoss | str | Callable | None = None):
         self.model = model
-        self.loss = loss if isinstance(loss, TaskLoss) else TaskLoss(loss)
+        #: the query (outer) loss f
+        self.loss: Loss = make_loss(loss)
+        #: the data term of the inner loss g on the support set (the query loss unless given)
+        self.support_loss: Loss = self.loss if inner_loss is None else make_loss(inner_loss, "inner_loss")
         self.config = replace(config or AlgoConfig())
         if self.config.batched and not self.has_batched_path:
             raise UsageError(f"--task-chunk, --amp and --compile apply to mrml and imaml, not {self.name}: drop them")
-        if self.config.inner is None:
+        if self.config.inner is None and trunk is None:
             self.config.inner = self.default_inner
         if self.config.l2 is None:
             self.config.l2 = self.default_l2
         cfg = self.config
-        self.split: ModelSplit = split_model(model, cfg.inner, cfg.recompute_features)
+        self.split: ModelSplit = split_model(model, cfg.inner, cfg.recompute_features, trunk)
+        if cfg.inner is None:  # explicit trunk: everything outside it adapts
+            cfg.inner = ",".join(self.split.model_name[n] for n in self.split.inner_names)
         self.prox = cfg.prox if cfg.prox is not None else not self.split.inner_is_last_stage
-        #: closed forms of a linear head (None when the inner part is anything else)
+        #: closed forms of a linear head (None when the inner part is anything else, or the losses are
+        #: not one built-in kind)
+        same_builtin = self.loss.kind in LOSS_KINDS and self.support_loss == self.loss
         self.head: HeadLayout | None = (HeadLayout(self.split.inner_init())
-                                        if closed_form_head(self.split, self.loss.kind) else None)
+                                        if same_builtin and closed_form_head(self.split, self.loss.kind) else None)
         if cfg.inner_solver is None:
             # exact solves by default where the inner problem is the convex head; the task-batched path
             # (chunks, amp, compile) and wider, non-convex inner parts run the gd form (see README)
@@ -208,7 +262,7 @@ class MetaAlgorithm(abc.ABC):
                    lam: torch.Tensor | float | None = None) -> torch.Tensor:
         """g(x, y): support loss of the adapted part plus (lam/2)||y - centre||^2 (centre 0 if None;
         lam the current lambda unless given, e.g. attached when learned)."""
-        g = self.loss(self.split.predict({**xa, **y}, feats), labels)
+        g = self.support_loss(self.split.predict({**xa, **y}, feats), labels)
         if self.config.l2 > 0:
             g = g + self.regulariser(y, centre, lam)
         return g
@@ -234,7 +288,7 @@ class MetaAlgorithm(abc.ABC):
             return y
         self.last_inner_lr = lr
         if self.head is not None:
-            problem = self.head_loss(feats.detach(), labels, centre)
+            problem = self.head_loss(pytree.detach(feats), labels, centre)
             w, self.last_inner = newton_head(problem, self.head.matrix(detached(y0)), steps, cfg.inner_tol)
             return self.head.params(w)
         like = detached(y0)
@@ -308,12 +362,41 @@ class MetaAlgorithm(abc.ABC):
         self.last_inner_lr = lr
         return y
 
-    # -- the two entry points ------------------------------------------------------------------
+    # -- the entry points ----------------------------------------------------------------------
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
-                      scale: float | None = None) -> StepStats:
-        """Set `.grad` of the outer parameters to the mean meta-gradient over `episodes` (or, with
-        `scale`, to scale x their sum: a shard of a meta-batch split across processes)."""
-        self.zero_grad()
+                      scale: float | None = None, *, accumulate: bool = False) -> StepStats:
+        """Set `.grad` of the outer parameters to the mean meta-gradient over `episodes`.
+
+        Args:
+            episodes: the tasks of one meta-batch.
+            task_ids: stable ids of the tasks (for `config.warm_start`), or None.
+            scale: None: the mean over `episodes`; else `scale` x their sum (a shard of a meta-batch
+                split across processes, or a part of one accumulated over calls).
+            accumulate: add into the existing `.grad` instead of replacing it (gradient accumulation
+                over several calls before one optimizer step).
+
+        Returns:
+            The statistics averaged over the tasks (query loss, accuracy, solver figures).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from mrml import ANIL, AlgoConfig, Episode
+            >>> _ = torch.manual_seed(0)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            >>> learner = ANIL(model, "classification", AlgoConfig(inner="2", inner_steps=2))
+            >>> labels = torch.arange(3)
+            >>> eps = [Episode(torch.randn(6, 4), labels.repeat(2), torch.randn(6, 4), labels.repeat(2))
+            ...        for _ in range(2)]
+            >>> _ = learner.meta_gradient(eps[:1], scale=0.5)
+            >>> _ = learner.meta_gradient(eps[1:], scale=0.5, accumulate=True)
+            >>> summed = model[0].weight.grad.clone()
+            >>> _ = learner.meta_gradient(eps)  # the mean over both, in one call
+            >>> torch.allclose(summed, model[0].weight.grad)
+            True
+        """
+        if not accumulate:
+            self.zero_grad()
         scale = 1.0 / len(episodes) if scale is None else scale
         ids = task_ids if task_ids is not None else [None] * len(episodes)
         return mean_stats([self.task_gradient(ep, scale, tid) for ep, tid in zip(episodes, ids)])
@@ -322,15 +405,55 @@ class MetaAlgorithm(abc.ABC):
     def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
         """Accumulate `scale` x this task's meta-gradient into `.grad`; return its statistics."""
 
-    def adapt(self, ep: Episode) -> torch.Tensor:
-        """Query predictions after test-time adaptation: trunk frozen, inner part adapted
-        `test_steps` steps at `test_lr` on the inner loss."""
+    def adapted_inner(self, xa: Params, fs: Any, ys: torch.Tensor) -> Params:
+        """The test-time inner solution on support features `fs` (adapt-local names), without graph:
+        here `test_steps` steps at `test_lr` (or the exact solve) on the inner loss."""
+        cfg = self.config
+        return self.solve_inner(xa, self.split.inner_init(), fs, ys, cfg.test_steps, cfg.test_lr, self.centre(False))
+
+    def _test_time(self, ep: Episode, query: bool) -> tuple[Params, Params, Any]:
+        """(outer part of the adapted module, adapted inner part, query features or None)."""
         with torch.no_grad():
-            fs, fq = self.split.features(ep.support_x), self.split.features(ep.query_x)
+            fs = self.split.features(ep.support_x)
+            fq = self.split.features(ep.query_x) if query else None
         xa = detached(self.split.adapt_outer())
-        y = self.solve_inner(
-            xa, self.split.inner_init(), fs, ep.support_y, self.config.test_steps, self.config.test_lr, self.centre(False)
-        )
+        return xa, self.adapted_inner(xa, fs, ep.support_y), fq
+
+    def adapted_parameters(self, episode: Episode) -> dict[str, torch.Tensor]:
+        """The inner parameters after test-time adaptation on `episode`'s support set (trunk frozen).
+
+        Args:
+            episode: the task; only its support set is used.
+
+        Returns:
+            The adapted inner parameters, detached, keyed by the model's parameter names (those of
+            `model.named_parameters()`): `functional_call(model, {**params, **adapted}, x)` runs the
+            adapted model.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from torch.func import functional_call
+            >>> from mrml import ITDBiO, AlgoConfig, Episode
+            >>> _ = torch.manual_seed(0)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            >>> learner = ITDBiO(model, "classification", AlgoConfig(inner="2"))
+            >>> labels = torch.arange(3)
+            >>> ep = Episode(torch.randn(6, 4), labels.repeat(2), torch.randn(9, 4), labels.repeat(3))
+            >>> adapted = learner.adapted_parameters(ep)
+            >>> {k: tuple(v.shape) for k, v in adapted.items()}
+            {'2.weight': (3, 8), '2.bias': (3,)}
+            >>> pred = functional_call(model, {**dict(model.named_parameters()), **adapted}, (ep.query_x,))
+            >>> torch.allclose(pred, learner.adapt(ep))
+            True
+        """
+        _, y, _ = self._test_time(episode, query=False)
+        return {k: v.detach() for k, v in self.split.to_model_names(y).items()}
+
+    def adapt(self, ep: Episode) -> torch.Tensor:
+        """Query predictions after test-time adaptation: trunk frozen, inner part adapted on the
+        support set as `adapted_parameters` does."""
+        xa, y, fq = self._test_time(ep, query=True)
         with torch.no_grad():
             return self.split.predict({**xa, **y}, fq)
 

@@ -35,8 +35,8 @@ class IMAML(MRML):
     default_l2 = 2.0
     default_learn_l2 = False
 
-    def __init__(self, model: Any, loss: Any = "classification", config: AlgoConfig | None = None):
+    def __init__(self, model: Any, loss: Any = "classification", config: AlgoConfig | None = None, **kwargs: Any):
         config = replace(config or AlgoConfig(), prox=True)
         if config.l2 is not None and config.l2 <= 0:
             raise UsageError(f"imaml needs a proximal strength --l2 > 0 (got {config.l2})")
-        super().__init__(model, loss, config)
+        super().__init__(model, loss, config, **kwargs)

@@ -23,4 +23,4 @@ class ITDBiO(Unrolled):
     learns_inner_init = False
     default_inner = "head"
     default_l2 = 1e-2
-    adapt = MetaAlgorithm.adapt
+    adapted_inner = MetaAlgorithm.adapted_inner

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .. import pytree
 from ..data.base import Episode
 from ..models.split import Params
 from .base import MetaAlgorithm, StepStats, detached
@@ -49,7 +50,7 @@ class Unrolled(MetaAlgorithm):
         graph through the accepted steps is kept unless first order."""
         first = self.first_order
         if first:  # inner gradients are constants: evaluate them on detached inputs
-            xa_d, fs_d = detached(xa), fs.detach()
+            xa_d, fs_d = detached(xa), pytree.detach(fs)
             c_d = detached(centre) if centre is not None else None
 
         def value_and_grad(y: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -81,15 +82,10 @@ class Unrolled(MetaAlgorithm):
             return self.config.test_steps, self.config.test_lr
         return self.config.inner_steps, self.config.inner_lr
 
-    def adapt(self, ep: Episode) -> torch.Tensor:
+    def adapted_inner(self, xa: Params, fs: Any, ys: torch.Tensor) -> Params:
         """The training inner loop (K steps at alpha, see the module docstring), without graph."""
         steps, lr = self.test_schedule()
-        with torch.no_grad():
-            fs, fq = self.split.features(ep.support_x), self.split.features(ep.query_x)
-        xa = detached(self.split.adapt_outer())
-        y = self.gradient_descent(xa, self.split.inner_init(), fs, ep.support_y, steps, lr, self.centre(False))
-        with torch.no_grad():
-            return self.split.predict({**xa, **y}, fq)
+        return self.gradient_descent(xa, self.split.inner_init(), fs, ys, steps, lr, self.centre(False))
 
 
 class MAML(Unrolled):

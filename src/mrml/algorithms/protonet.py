@@ -10,7 +10,7 @@ the other inner-loop settings do not apply). `adapt` computes the prototypes on 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from ..data.base import Episode
 from ..errors import UsageError
 from .base import AlgoConfig, MetaAlgorithm, StepStats
-from .losses import TaskLoss
+from .losses import TaskLoss, make_loss
 
 
 def prototype_logits(fs: torch.Tensor, ys: torch.Tensor, fq: torch.Tensor) -> torch.Tensor:
@@ -39,13 +39,18 @@ class ProtoNet(MetaAlgorithm):
     default_inner = "head"
     default_l2 = 0.0
 
-    def __init__(self, model: nn.Module, loss: TaskLoss | str = "classification", config: AlgoConfig | None = None):
-        kind = loss.kind if isinstance(loss, TaskLoss) else loss
-        if kind != "classification":
+    def __init__(self, model: nn.Module, loss: TaskLoss | str | Callable = "classification",
+                 config: AlgoConfig | None = None, *, trunk: str | nn.Module | None = None,
+                 inner_loss: Any = None):
+        kind = make_loss(loss).kind
+        if kind == "regression":
             raise UsageError(f"protonet needs classification tasks (class prototypes), not {kind}: choose another --algo")
-        # the split at the ignored part (default: the head): its trunk is the backbone
+        if inner_loss is not None:
+            raise UsageError("protonet has no inner loop: drop inner_loss")
+        # the split at the ignored part (default: the head; with trunk=..., everything outside it):
+        # its trunk is the backbone
         config = replace(config or AlgoConfig(), recompute_features=False, prox=False)
-        super().__init__(model, loss, config)
+        super().__init__(model, loss, config, trunk=trunk)
         if not any(True for _ in self.split.trunk.parameters()):
             raise UsageError(f"protonet uses the network before its head; --inner {self.config.inner} leaves no backbone: use --inner head")
 
@@ -60,6 +65,10 @@ class ProtoNet(MetaAlgorithm):
         f = self.loss(pred, ep.query_y)
         (scale * f).backward()
         return StepStats(float(f.detach()), self.loss.accuracy(pred.detach(), ep.query_y))
+
+    def adapted_parameters(self, episode: Episode) -> dict[str, torch.Tensor]:
+        """No parameter adapts (the prototypes are computed from the support features): {}."""
+        return {}
 
     def adapt(self, ep: Episode) -> torch.Tensor:
         with torch.no_grad():

@@ -18,9 +18,16 @@ from typing import Any
 
 import torch
 
+from .. import pytree
 from ..data.base import Episode
 from .base import StepStats, detached
 from .maml import Unrolled
+
+
+def _concat(a: Any, b: Any) -> Any:
+    """Two trees of equal structure (tensors, or dicts/lists/tuples of them) concatenated along dim 0."""
+    rest = iter(pytree.leaves(b))
+    return pytree.tree_map(lambda t: torch.cat([t, next(rest)]), a)
 
 
 class Reptile(Unrolled):
@@ -37,7 +44,7 @@ class Reptile(Unrolled):
         with torch.no_grad():
             fs, fq = split.features(ep.support_x), split.features(ep.query_x)
         xa = detached(split.adapt_outer())
-        feats, labels = (torch.cat([fs, fq]), torch.cat([ep.support_y, ep.query_y])) if use_query else (fs, ep.support_y)
+        feats, labels = (_concat(fs, fq), torch.cat([ep.support_y, ep.query_y])) if use_query else (fs, ep.support_y)
         init = split.inner_init()
         y = self.gradient_descent(xa, init, feats, labels, cfg.inner_steps, cfg.inner_lr, self.centre(False))
         with torch.no_grad():

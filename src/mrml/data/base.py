@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from .. import pytree
 from ..errors import UsageError
 
 SPLITS = ("train", "validation", "test")
@@ -21,20 +22,32 @@ _SPLIT_ID = {name: i for i, name in enumerate(SPLITS)}
 
 @dataclass
 class Episode:
-    """One task: support set (fits the inner variable) and query set (judges it)."""
+    """One task: support set (fits the inner variable) and query set (judges it).
 
-    support_x: torch.Tensor
+    Inputs `support_x`/`query_x` are what the model's forward takes: a tensor, or a dict/list/tuple
+    tree of tensors (e.g. a text model's `{"input_ids": ..., "attention_mask": ...}`; see
+    `mrml.pytree`), examples along dim 0. Targets `support_y`/`query_y` are tensors: class indices
+    for classification, values for regression, whatever a custom loss takes.
+
+    Example:
+        >>> import torch
+        >>> ids = torch.zeros(4, 7, dtype=torch.long)
+        >>> ep = Episode({"input_ids": ids, "attention_mask": torch.ones(4, 7)}, torch.arange(4),
+        ...              {"input_ids": ids, "attention_mask": torch.ones(4, 7)}, torch.arange(4))
+        >>> moved = ep.to("cpu", torch.float64)
+        >>> moved.support_x["attention_mask"].dtype, moved.support_x["input_ids"].dtype
+        (torch.float64, torch.int64)
+    """
+
+    support_x: Any
     support_y: torch.Tensor
-    query_x: torch.Tensor
+    query_x: Any
     query_y: torch.Tensor
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Episode":
-        def move(t: torch.Tensor) -> torch.Tensor:
-            if dtype is not None and t.is_floating_point():
-                return t.to(device=device, dtype=dtype)
-            return t.to(device)
-
-        return Episode(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y))
+        """Every tensor moved to `device`; floating-point ones (inputs and targets) also cast to `dtype`."""
+        return Episode(*(pytree.to(t, device, dtype) for t in (self.support_x, self.support_y, self.query_x,
+                                                              self.query_y)))
 
 
 def episode_rng(seed: int, split: str, index: int) -> np.random.Generator:

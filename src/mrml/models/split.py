@@ -1,15 +1,33 @@
 """Split a model into the trunk (outer-only, run once per image set) and the adapted part.
 
 Inner parameters are named by a spec: `head` (default), `last-block` (last backbone block + head),
-`all` (the whole network), or comma-separated name prefixes (`backbone.3,head`). The model's forward
-is a sequence of stages (`FewShotNet.stages()`, or the children of an `nn.Sequential`); everything
-before the first stage that holds an inner parameter is the trunk. Its features are computed once
-with gradient; the inner loop re-runs only the adapted part on a detached copy of them. A model that
-is neither is one stage: correct, but the inner loop then re-runs all of it.
+`all` (the whole network), or comma-separated name prefixes (`backbone.3,head`).
+
+Two ways to find the trunk:
+- automatic (`trunk=None`): the model's forward is a sequence of stages (`FewShotNet.stages()`, or
+  the children of an `nn.Sequential`); everything before the first stage that holds an inner
+  parameter is the trunk. A model that is neither is one stage: correct, but the inner loop then
+  re-runs all of it;
+- explicit (`trunk="features"`, a dotted submodule name or the submodule itself): any model whose
+  forward calls that submodule once. Its features are what the model's own forward passes to it
+  (the forward is run up to that call and stopped there); the rest of the model is the model's own
+  forward with the trunk replaced by a stand-in returning precomputed features (`Rest`), so a
+  forward `self.classifier(self.features(x))` or anything else after the trunk call works. The
+  rest receives a placeholder in place of the input (the trunk consumed it): the forward may use
+  its input only to feed the trunk. When the rest is exactly one `nn.Linear` applied to the
+  features (checked once, by a probe), the adapted part is that layer alone, so the closed forms
+  of a linear head apply (`mrml.algorithms.linear_head`). An inner part made of one module's
+  parameters counts as the model's last stage (a head: by default ridge-regularised towards 0 from
+  a fixed init); a wider one gets the proximal inner loss (`AlgoConfig.prox` overrides either).
+
+Either way the features are computed once with gradient; the inner loop re-runs only the adapted
+part on a detached copy of them.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -41,8 +59,9 @@ def model_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [("", model)]
 
 
-def resolve_inner(model: nn.Module, spec: str) -> list[str]:
-    """Names of the inner parameters of `model` under `spec`."""
+def resolve_inner(model: nn.Module, spec: str, hint: str | None = None) -> list[str]:
+    """Names of the inner parameters of `model` under `spec` (`hint`: a parameter name to suggest
+    a prefix of in the error, default the first)."""
     names = [n for n, _ in model.named_parameters()]
     if spec == "all":
         return names
@@ -57,14 +76,15 @@ def resolve_inner(model: nn.Module, spec: str) -> list[str]:
     if not chosen:
         raise UsageError(
             f"inner part {spec!r} names no parameter: use head, last-block, all, or name prefixes "
-            f"such as {names[0].rsplit('.', 1)[0]!r}"
+            f"such as {(hint or names[0]).rsplit('.', 1)[0]!r}"
         )
     return chosen
 
 
 @dataclass
 class ModelSplit:
-    """`trunk` (outer only) then `adapt`; adapt's parameters are outer (`outer_names`) or inner."""
+    """`trunk` (outer only) then `adapt`; adapt's parameters are outer (`outer_names`) or inner.
+    With an explicit trunk, `features` runs the model's forward up to the trunk (`run_trunk`)."""
 
     model: nn.Module
     trunk: nn.Module
@@ -73,9 +93,12 @@ class ModelSplit:
     outer_names: list[str]  # adapt-local names of the outer parameters re-run in the inner loop
     model_name: dict[str, str]  # adapt-local name -> model name
     inner_is_last_stage: bool  # the inner part lies within the model's last stage (e.g. the head)
+    trunk_name: str | None = None  # the explicit trunk's name in the model (None: automatic stages)
+    run_trunk: Callable[[Any], torch.Tensor] | None = None  # explicit trunk: the model's forward up to it
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)
+    def features(self, x: Any) -> Any:
+        """The trunk's output on the inputs `x` (a tensor or a dict/list/tuple of tensors)."""
+        return self.run_trunk(x) if self.run_trunk is not None else self.trunk(x)
 
     def inner_init(self) -> Params:
         ps = dict(self.adapt.named_parameters())
@@ -93,9 +116,245 @@ class ModelSplit:
         ps = dict(self.adapt.named_parameters())
         return [ps[n] for n in self.inner_names]  # type: ignore[misc]
 
+    def to_model_names(self, params: Params) -> Params:
+        """Adapt-local names -> the model's parameter names."""
+        return {self.model_name[k]: v for k, v in params.items()}
 
-def split_model(model: nn.Module, inner: str = "head", recompute: bool = False) -> ModelSplit:
-    """Split `model` by the inner spec; `recompute=True` puts every stage in the adapted part."""
+
+# -- explicit trunk ------------------------------------------------------------------------------
+class TrunkConsumed:
+    """Stands for the model's input in `Rest`: the trunk already consumed it. Attribute access,
+    calls and indexing return the placeholder itself (so `self.features(x.view(...))` or
+    `self.encoder(x["ids"])` reach the stand-in); any other use is a UsageError."""
+
+    def __getattr__(self, name: str) -> "TrunkConsumed":
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "TrunkConsumed":
+        return self
+
+    def __getitem__(self, key: Any) -> "TrunkConsumed":
+        return self
+
+    def __iter__(self) -> Iterator[Any]:
+        raise UsageError(_CONSUMED_MSG)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise UsageError(_CONSUMED_MSG)
+
+    def __repr__(self) -> str:
+        return "<input consumed by the trunk>"
+
+
+_CONSUMED_MSG = ("the model's forward uses its input other than by passing it to the trunk: with trunk=..., "
+                 "the rest of the forward runs on precomputed features; compute such input-dependent parts "
+                 "inside the trunk module")
+_CONSUMED = TrunkConsumed()
+
+
+class _Given(nn.Module):
+    """Stand-in for the trunk: returns the precomputed features, counts its calls."""
+
+    def __init__(self, feats: Any):
+        super().__init__()
+        self.feats, self.calls = feats, 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.feats
+
+
+class _Reached(BaseException):
+    """Raised by `_Capture` to stop the model's forward once the trunk has run (not an Exception,
+    so a user's `except Exception` does not swallow it)."""
+
+    def __init__(self, out: Any):
+        super().__init__()
+        self.out = out
+
+
+class _Capture(nn.Module):
+    """Stand-in for the trunk that runs the real trunk on the arguments it is given, then stops."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.__dict__["real"] = trunk  # not registered: the model's module tree is unchanged
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise _Reached(self.real(*args, **kwargs))
+
+
+@contextmanager
+def _swapped(model: nn.Module, path: str, module: nn.Module) -> Iterator[None]:
+    parent_name, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = parent._modules[leaf]
+    parent._modules[leaf] = module
+    try:
+        yield
+    finally:
+        parent._modules[leaf] = old
+
+
+class TrunkForward:
+    """features(x): the model's forward on `x` up to its call of the trunk, which runs as called."""
+
+    def __init__(self, model: nn.Module, path: str, trunk: nn.Module):
+        self.model, self.path, self.trunk = model, path, trunk
+
+    def __call__(self, x: Any) -> Any:
+        try:
+            with _swapped(self.model, self.path, _Capture(self.trunk)):
+                self.model(x)
+        except _Reached as reached:
+            return reached.out
+        raise UsageError(f"{type(self.model).__name__}.forward never called the trunk {self.path!r}: "
+                         "name the submodule that its forward runs on the input")
+
+
+class Rest(nn.Module):
+    """The model's forward after the trunk: the trunk replaced by a stand-in returning `feats`."""
+
+    def __init__(self, model: nn.Module, path: str):
+        super().__init__()
+        self.model = model
+        self.path = path
+
+    def forward(self, feats: Any) -> Any:
+        given = _Given(feats)
+        with _swapped(self.model, self.path, given):
+            out = self.model(_CONSUMED)
+        if given.calls != 1:
+            raise UsageError(f"{type(self.model).__name__}.forward called the trunk {self.path!r} {given.calls} times: "
+                             "trunk=... needs a submodule called once per forward")
+        return out
+
+
+def resolve_trunk(model: nn.Module, trunk: str | nn.Module) -> tuple[str, nn.Module]:
+    """(name, module) of the trunk given by name (dotted names allowed) or as a submodule of `model`."""
+    children = ", ".join(n for n, _ in model.named_children()) or "none"
+    where = f"{type(model).__name__} (its children: {children}; dotted names reach deeper)"
+    if isinstance(trunk, str):
+        try:
+            module = model.get_submodule(trunk) if trunk else None
+        except AttributeError:
+            module = None
+        if module is None:
+            raise UsageError(f"trunk {trunk!r} is not a submodule of {where}")
+        return trunk, module
+    if isinstance(trunk, nn.Module):
+        names = [n for n, m in model.named_modules() if m is trunk and n]
+        if not names:
+            raise UsageError(f"the trunk module ({type(trunk).__name__}) is not a submodule of {where}")
+        return names[0], trunk
+    raise UsageError(f"trunk must be a submodule name or an nn.Module inside the model (got {type(trunk).__name__})")
+
+
+def _linear_of(model: nn.Module, inner: list[str]) -> nn.Linear | None:
+    """The nn.Linear whose parameters are exactly the inner ones, if any."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and {f"{name}.{n}" if name else n for n, _ in m.named_parameters()} == set(inner):
+            return m
+    return None
+
+
+def _applies_linear(model: nn.Module, path: str, linear: nn.Linear) -> bool:
+    """Whether the model's output is `linear` applied directly to the trunk's output (a probe on
+    zero features, buffers copied so that batch-norm statistics are left alone)."""
+    probe = torch.zeros(2, linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
+    seen: list[tuple[Any, Any]] = []
+    hook = linear.register_forward_hook(lambda m, args, out: seen.append((args[0] if args else None, out)))
+    rest = Rest(model, path)
+    buffers = {f"model.{n}": b.clone() for n, b in model.named_buffers()
+               if not (n == path or n.startswith(path + "."))}
+    try:
+        with torch.no_grad():
+            out = functional_call(rest, buffers, (probe,), strict=False)
+    except Exception:  # noqa: BLE001 -- any failure means "not provably a linear head": the general path
+        return False
+    finally:
+        hook.remove()
+    return len(seen) == 1 and seen[0][0] is probe and out is seen[0][1]
+
+
+def explicit_split(model: nn.Module, inner: str | None, trunk: str | nn.Module) -> ModelSplit:
+    """The split at an explicit trunk (see the module docstring); `inner=None`: every parameter
+    outside the trunk adapts."""
+    path, module = resolve_trunk(model, trunk)
+    trunk_ids = {id(p) for p in module.parameters()}
+    named = list(model.named_parameters())
+    rest_names = [n for n, p in named if id(p) not in trunk_ids]
+    if not rest_names:
+        raise UsageError(f"trunk {path!r} holds every parameter of {type(model).__name__}: nothing is left to adapt")
+    if inner is None:
+        inner_model = rest_names
+    else:
+        inner_model = resolve_inner(model, inner, hint=rest_names[-1])
+        inside = [n for n, p in named if n in set(inner_model) and id(p) in trunk_ids]
+        if inside:
+            hint = rest_names[-1].rsplit(".", 1)[0]
+            raise UsageError(f"inner part {inner!r} includes parameters of the trunk {path!r} ({inside[0]}, ...): "
+                             f"the trunk is outer-only; name parameters outside it, e.g. {hint!r}")
+    linear = _linear_of(model, inner_model)
+    if linear is not None and _applies_linear(model, path, linear):
+        adapt: nn.Module = Stages([linear])
+        in_last = True
+    else:  # the inner part counts as the last stage (a head) when it is the parameters of one module
+        adapt = Rest(model, path)
+        in_last = len({n.rpartition(".")[0] for n in inner_model}) == 1
+    by_id = {id(p): n for n, p in named}
+    model_name = {n: by_id[id(p)] for n, p in adapt.named_parameters() if id(p) not in trunk_ids}
+    inner_set = set(inner_model)
+    inner_names = [n for n, m in model_name.items() if m in inner_set]
+    outer_names = [n for n, m in model_name.items() if m not in inner_set]
+    return ModelSplit(model, module, adapt, inner_names, outer_names, model_name, in_last, path,
+                      TrunkForward(model, path, module))
+
+
+def split_model(model: nn.Module, inner: str | None = "head", recompute: bool = False,
+                trunk: str | nn.Module | None = None) -> ModelSplit:
+    """Split `model` into a trunk (run once per input set) and an adapted part.
+
+    Args:
+        model: the network.
+        inner: which parameters adapt per task (a spec: head, last-block, all, or name prefixes);
+            None only with `trunk`: every parameter outside the trunk.
+        recompute: put every stage in the adapted part (no trunk; automatic split only).
+        trunk: None for the automatic stages; else a submodule name of `model` (dotted names allowed)
+            or the submodule itself, called once by the model's forward (see the module docstring).
+
+    Returns:
+        The `ModelSplit`.
+
+    Raises:
+        UsageError: an unknown trunk, an inner spec naming no parameter or parameters of the trunk.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
+        ...         self.classifier = nn.Linear(16, 5)
+        ...     def forward(self, x):
+        ...         return self.classifier(self.features(x))
+        >>> split = split_model(Net(), "classifier", trunk="features")
+        >>> split.features(torch.zeros(2, 1, 4, 4)).shape
+        torch.Size([2, 16])
+        >>> sorted(split.model_name.values())
+        ['classifier.bias', 'classifier.weight']
+    """
+    if trunk is not None:
+        if recompute:
+            raise UsageError("recompute_features re-runs the whole network in every inner step, which an "
+                             "explicit trunk rules out: drop trunk=... or recompute_features")
+        return explicit_split(model, inner, trunk)
+    if inner is None:
+        raise UsageError("inner part None needs an explicit trunk: give an inner spec (head, last-block, all, prefixes)")
     inner_model_names = set(resolve_inner(model, inner))
     stages = model_stages(model)
     cut = len(stages) - 1
@@ -105,7 +364,7 @@ def split_model(model: nn.Module, inner: str = "head", recompute: bool = False) 
             break
     if recompute:
         cut = 0
-    trunk = Stages([m for _, m in stages[:cut]])
+    trunk_mod = Stages([m for _, m in stages[:cut]])
     adapt = Stages([m for _, m in stages[cut:]])
     by_id = {id(p): n for n, p in model.named_parameters()}
     model_name = {n: by_id[id(p)] for n, p in adapt.named_parameters()}
@@ -113,4 +372,4 @@ def split_model(model: nn.Module, inner: str = "head", recompute: bool = False) 
     outer_names = [n for n in model_name if model_name[n] not in inner_model_names]
     last = {id(p) for p in stages[-1][1].parameters()}
     in_last = all(id(p) in last for n, p in model.named_parameters() if n in inner_model_names)
-    return ModelSplit(model, trunk, adapt, inner_names, outer_names, model_name, in_last)
+    return ModelSplit(model, trunk_mod, adapt, inner_names, outer_names, model_name, in_last)
