@@ -3,7 +3,6 @@ callable, nested (dict) inputs, `adapted_parameters` and `meta_gradient(accumula
 from __future__ import annotations
 
 import copy
-import inspect
 
 import numpy as np
 import pytest
@@ -375,8 +374,6 @@ ACCUMULATING = [ANIL, ITDBiO, MAML, Reptile, ProtoNet, MRML, IMAML]
 
 @pytest.mark.parametrize("cls", ACCUMULATING, ids=lambda c: c.name)
 def test_accumulate_twice_is_twice_once(tiny, cls):
-    if "accumulate" not in inspect.signature(cls.meta_gradient).parameters:
-        pytest.skip(f"{cls.__name__}.meta_gradient overrides the base and takes no accumulate= on this branch")
     torch.manual_seed(0)
     model = CNN().double()
     learner = cls(model, "classification", AlgoConfig(inner="classifier", inner_steps=3), trunk="features")
@@ -390,3 +387,9 @@ def test_accumulate_twice_is_twice_once(tiny, cls):
     learner.meta_gradient(eps)  # without accumulate: replaced, not added
     for p, g in zip(learner.outer_parameters(), once):
         assert (p.grad is None) if g is None else torch.allclose(p.grad, g, rtol=1e-12, atol=1e-15)
+
+
+def test_task_batched_path_refuses_an_explicit_trunk():
+    with pytest.raises(UsageError, match="trunk="):
+        MRML(CNN(), "classification", AlgoConfig(inner="classifier", task_chunk=2, inner_solver="gd", implicit="cg",
+                                                 learn_l2=False), trunk="features")

@@ -24,11 +24,20 @@ from typing import Any, Callable
 
 import torch
 
-from .algorithms.base import MAX_HALVINGS, guard_rtol
 from .algorithms.inner import InnerInfo, newton_cg
 from .errors import UsageError
 from .implicit import CGInfo, conjugate_gradient, neumann_series
 from .pytree import detach
+
+#: the inner-loop divergence guard halves the step size at most this many times per task
+MAX_HALVINGS = 40
+
+
+def guard_rtol(dtype: torch.dtype) -> float:
+    """Relative rise of the inner loss that counts as "g went up": 64 units of rounding of `dtype`
+    (7.6e-6 in float32, 1.4e-14 in float64), so that rounding noise near a minimum is not divergence."""
+    return 64.0 * torch.finfo(dtype).eps
+
 
 Params = dict[str, torch.Tensor]
 Objective = Callable[[Params, Params, Any], torch.Tensor]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import pytree
+from ..functional import INNER_SOLVERS, MAX_HALVINGS, descend, guard_rtol  # noqa: F401 (re-exported)
 from ..data.base import Episode
 from ..errors import UsageError
 from ..models.split import ModelSplit, Params, split_model
@@ -27,7 +28,6 @@ from .inner import InnerInfo, newton_cg, newton_head
 from .linear_head import HeadLayout, LinearHeadLoss, closed_form_head
 from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
 
-INNER_SOLVERS = ("gd", "newton")
 IMPLICIT_SYSTEMS = ("cg", "direct", "damped", "neumann")
 
 
@@ -83,16 +83,6 @@ def mean_stats(per_task: list[StepStats]) -> StepStats:
     keys = {k for s in per_task for k in s.extra}
     extra = {k: sum(s.extra.get(k, 0.0) for s in per_task) / n for k in sorted(keys)}
     return StepStats(sum(s.loss for s in per_task) / n, sum(acc) / len(acc) if acc else None, extra)
-
-
-#: the inner-loop divergence guard halves the step size at most this many times per task
-MAX_HALVINGS = 40
-
-
-def guard_rtol(dtype: torch.dtype) -> float:
-    """Relative rise of the inner loss that counts as "g went up": 64 units of rounding of `dtype`
-    (7.6e-6 in float32, 1.4e-14 in float64), so that rounding noise near a minimum is not divergence."""
-    return 64.0 * torch.finfo(dtype).eps
 
 
 def flat(ts: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -189,6 +179,9 @@ class MetaAlgorithm(abc.ABC):
             self.config.l2 = self.default_l2
         cfg = self.config
         self.split: ModelSplit = split_model(model, cfg.inner, cfg.recompute_features, trunk)
+        if cfg.batched and self.split.run_trunk is not None:
+            raise UsageError("task_chunk > 1, amp and compile run the trunk module on stacked tasks, not through the "
+                             "model's forward as trunk= does: use task_chunk=1 without amp/compile, or no trunk=")
         if cfg.inner is None:  # explicit trunk: everything outside it adapts
             cfg.inner = ",".join(self.split.model_name[n] for n in self.split.inner_names)
         self.prox = cfg.prox if cfg.prox is not None else not self.split.inner_is_last_stage
@@ -339,27 +332,7 @@ class MetaAlgorithm(abc.ABC):
         unrolled baselines) or not (mrml); the step-size decisions are constants to autograd. The step
         size in use at the end is left in `self.last_inner_lr`.
         """
-        y = dict(y)
-        if self.config.plain_inner:
-            for _ in range(steps):
-                _, grads = value_and_grad(y)
-                y = {k: v - lr * gk for (k, v), gk in zip(y.items(), grads)}
-            self.last_inner_lr = lr
-            return y
-        rtol = guard_rtol(next(iter(y.values())).dtype)
-        prev: tuple[Params, float, tuple[torch.Tensor, ...]] | None = None
-        done = halvings = 0
-        while done < steps:
-            g, grads = value_and_grad(y)
-            gv = float(g)
-            if prev is not None and not gv <= prev[1] + rtol * abs(prev[1]) and halvings < MAX_HALVINGS:
-                lr, halvings = 0.5 * lr, halvings + 1  # g went up (or is not finite): retry the step
-                y = {k: v - lr * gk for (k, v), gk in zip(prev[0].items(), prev[2])}
-                continue
-            prev = (y, gv, grads)
-            y = {k: v - lr * gk for (k, v), gk in zip(y.items(), grads)}
-            done += 1
-        self.last_inner_lr = lr
+        y, self.last_inner_lr = descend(value_and_grad, y, steps, lr, guard=not self.config.plain_inner)
         return y
 
     # -- the entry points ----------------------------------------------------------------------

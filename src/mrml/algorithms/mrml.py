@@ -42,7 +42,6 @@ linear head (the exact Newton solve, `direct`) take the place of the autograd on
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -192,15 +191,5 @@ class MRML(MetaAlgorithm):
 
 def per_task_meta_gradient(algo: MetaAlgorithm, episodes: list[Episode], task_ids: list[Any] | None,
                            scale: float | None, accumulate: bool) -> StepStats:
-    """`MetaAlgorithm.meta_gradient` task by task; with `accumulate`, `.grad` is added to, not reset (passed
-    on to the base method where it takes that keyword; otherwise the task loop runs here without zero_grad)."""
-    if not accumulate:
-        return MetaAlgorithm.meta_gradient(algo, episodes, task_ids, scale)
-    if _BASE_ACCUMULATES:
-        return MetaAlgorithm.meta_gradient(algo, episodes, task_ids, scale, accumulate=True)  # type: ignore[call-arg]
-    scale = 1.0 / len(episodes) if scale is None else scale
-    ids = task_ids if task_ids is not None else [None] * len(episodes)
-    return mean_stats([algo.task_gradient(ep, scale, tid) for ep, tid in zip(episodes, ids)])
-
-
-_BASE_ACCUMULATES = "accumulate" in inspect.signature(MetaAlgorithm.meta_gradient).parameters
+    """`MetaAlgorithm.meta_gradient` task by task (the batched path's fallback as well)."""
+    return MetaAlgorithm.meta_gradient(algo, episodes, task_ids, scale, accumulate=accumulate)
