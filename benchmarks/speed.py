@@ -269,8 +269,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "one after another); default 8 on CPU, all on CUDA; 0: all")
     p.add_argument("--width", type=int, default=64, help=help_of(RunConfig, "width") + " (here: 64, the paper's)")
     p.add_argument("--cg-steps", type=int, default=AlgoConfig.cg_steps, help=help_of(AlgoConfig, "cg_steps"))
-    p.add_argument("--plain-inner", action="store_true",
-                   help="every configuration without the inner-loop divergence guard (plain gradient descent)")
+    p.add_argument("--plain-inner", action="store_true", help=help_of(AlgoConfig, "plain_inner") + " (every configuration)")
     s = p.parse_args(argv)
     s.ways, s.shots, s.query, s.shape = 5, 5, 5, [3, 32, 32]
     s.steps = [int(x) for x in (s.steps or ("5,10" if s.quick else "20,50")).split(",")]
