@@ -116,7 +116,7 @@ class BenchSettings:
     device: str = like(RunConfig, "device")
     seed: int = like(RunConfig, "seed")
     threads: int | None = like(RunConfig, "threads", help="torch threads in each child (default: torch's, all cores)")
-    timeout: float = setting(600.0, "seconds allowed per configuration (default 600)",
+    timeout: float = setting(600.0, "seconds allowed per configuration",
                              range=floats(0, 10**7, open_low=True, hint="seconds per configuration"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -641,7 +641,7 @@ def add_commands(subparsers: Any, commands: dict[str, Callable[[argparse.Namespa
                    help="configurations not to measure, e.g. maml:100 (too slow on a small machine)")
     m.add_argument("--json", default=None, metavar="OUT.json", help="write settings, records and targets here")
     m.add_argument("--plot", default=None, metavar="OUT.png", help="plot peak MB and seconds against K")
-    add_options(m, BenchSettings)  # the settings, as declared (defaults in BenchSettings)
+    add_options(m, BenchSettings, show_defaults=True)  # the settings, as declared (defaults in BenchSettings)
     commands["bench"] = cmd_bench
 
 

@@ -148,12 +148,13 @@ def check_settings(obj: Any) -> None:
 
 
 def add_options(parser: argparse.ArgumentParser, cls: Any, skip: tuple[str, ...] = (),
-                defaults: bool = False) -> list[str]:
+                defaults: bool = False, show_defaults: bool = False) -> list[str]:
     """Add one option per command-line setting of dataclass `cls` to `parser`; returns their dest names.
 
     Each option stores None unless given (`defaults=True`: the declared default), so that only the
     options a user gave override the layers below (preset, config file). A bool setting is a switch
     (`--NAME` stores True, plus `--no-NAME` storing False where the setting declares `no_help`).
+    `show_defaults` appends "[default: X]" to the help of settings with a default other than None and False.
 
     Example:
         >>> from mrml.algorithms.algo_config import AlgoConfig
@@ -169,13 +170,17 @@ def add_options(parser: argparse.ArgumentParser, cls: Any, skip: tuple[str, ...]
         base, _ = kind(f)
         meta, opt = f.metadata, flag(f.name)
         default = default_of(f) if defaults else None
+        help_ = meta["help"]
+        if show_defaults and default_of(f) not in (None, False):
+            help_ += f" [default: {default_of(f)}]"
         if base == "bool":
-            parser.add_argument(opt, dest=f.name, action="store_true", default=default, help=meta["help"])
+            parser.add_argument(opt, dest=f.name, action="store_true", default=default, help=help_)
             if meta.get("no_help"):
                 parser.add_argument("--no-" + opt[2:], dest=f.name, action="store_false", help=meta["no_help"])
         else:
+            choices = meta.get("choices") or ()  # shown, checked by check_settings (one message for all front ends)
             parser.add_argument(opt, dest=f.name, type=_KINDS.get(base or "str", str), default=default,
-                                help=meta["help"])
+                                help=help_, metavar="{" + ",".join(choices) + "}" if choices else None)
         names.append(f.name)
     return names
 
