@@ -115,6 +115,9 @@ class RunConfig:
         else:
             object.__setattr__(self, name, value)
 
+    def __copy__(self) -> "RunConfig":  # a copy with its own AlgoConfig (flat writes must not reach the original's)
+        return replace(self)
+
     @classmethod
     def resolve(cls, explicit: dict[str, Any], base: dict[str, Any] | None = None) -> "RunConfig":
         """Build from explicitly given options on top of `base` (a config file's settings), the preset
