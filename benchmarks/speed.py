@@ -24,6 +24,9 @@ after another, independently -- timed on 8 of the 32 tasks and scaled by 4 (mark
 default run stays within about 10 minutes. On an idle machine pass e.g. `--threads 2 --repeats 3
 --faithful-tasks 0`. On CUDA the defaults are 5 repeats, every configuration timed in full.
 
+Step function, device sync, warm-up, metered and timed steps, the target ratio check, the table
+layout and the figure come from `mrml.harness` (shared with `mrml bench memory`).
+
 Targets printed (PASS/FAIL, honestly): the per-task loop at least 4x faster than the paper-faithful
 loop at K=20 and 8x at K=50 and within 1.15x of efficient ANIL; on CUDA, chunk 32 at least 3x faster
 than the per-task loop (on CPU one big batch is slower than tasks one at a time: not a target there).

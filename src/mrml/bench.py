@@ -25,6 +25,9 @@ What one configuration measures (`measure`):
   A record's `wall_s` is the child's own time for the configuration (building, episodes, all steps),
   without interpreter start-up and imports.
 
+The step function, device sync, warm-up, metered and timed steps, the ratio behind each target, the
+table layout and the figure are `mrml.harness`'s, shared with benchmarks/speed.py.
+
 The *floor* (algo "floor") is the least any of them can use: the same images through backbone and
 head with the plain task loss, support and query sets forwarded separately as the algorithms'
 trunks do, one backward per task, tasks one at a time, then the optimizer step; same meter.
