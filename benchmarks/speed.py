@@ -24,6 +24,9 @@ after another, independently -- timed on 8 of the 32 tasks and scaled by 4 (mark
 default run stays within about 10 minutes. On an idle machine pass e.g. `--threads 2 --repeats 3
 --faithful-tasks 0`. On CUDA the defaults are 5 repeats, every configuration timed in full.
 
+Step function, device sync, warm-up, metered and timed steps, the target ratio check, the table
+layout and the figure come from `mrml.harness` (shared with `mrml bench memory`).
+
 Targets printed (PASS/FAIL, honestly): the per-task loop at least 4x faster than the paper-faithful
 loop at K=20 and 8x at K=50 and within 1.15x of efficient ANIL; on CUDA, chunk 32 at least 3x faster
 than the per-task loop (on CPU one big batch is slower than tasks one at a time: not a target there).
@@ -47,10 +50,12 @@ from typing import Any
 
 import torch
 
+from mrml import harness
 from mrml.algorithms import ALGORITHMS, AlgoConfig
+from mrml.config import RunConfig
 from mrml.data.base import Episode
-from mrml.memory import PeakMemoryMeter
 from mrml.models import build_model
+from mrml.settings import help_of
 
 ROOT = Path(__file__).resolve().parent
 
@@ -76,11 +81,6 @@ def configurations(chunks: list[int]) -> list[dict[str, Any]]:
     return out
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 class Runner:
     """One configuration at one K: model, algorithm, Adam; warm-up and memory done at construction."""
 
@@ -97,28 +97,15 @@ class Runner:
         cfg = AlgoConfig(inner_steps=steps, cg_steps=s.cg_steps, plain_inner=s.plain_inner, **conf["config"])
         self.algo = ALGORITHMS[conf["algo"]](model, "classification", cfg)
         self.opt = torch.optim.Adam(self.algo.outer_parameters(), lr=1e-3)
-        t0 = time.perf_counter()
-        self.iteration(eps[:2])  # warm-up: Adam's state, lazy initialisation
-        sync(s.device)
-        self.rec["warmup_s"] = time.perf_counter() - t0
+        self.iteration = harness.meta_step(self.algo, self.opt)
+        self.rec["warmup_s"] = harness.warm_up(self.iteration, eps[:2], s.device)  # Adam's state, lazy initialisation
         first = eps[: max(2, conf["chunk"])]  # one chunk: the peak of a meta-iteration is its largest chunk's
-        with PeakMemoryMeter(s.device) as meter:
-            self.iteration(first)
-            sync(s.device)
-        rep = meter.report()
+        rep, _ = harness.metered(self.iteration, first, s.device)
         self.rec.update(peak_mb=rep.peak_mb, cuda_peak_mb=rep.cuda_peak_mb, memory_tasks=len(first))
 
-    def iteration(self, batch: list[Episode]) -> float:
-        stats = self.algo.meta_gradient(batch)
-        self.opt.step()
-        return stats.loss
-
     def time_once(self) -> None:
-        sync(self.s.device)
-        t = time.perf_counter()
-        self.rec["loss"] = self.iteration(self.eps[: self.tasks])
-        sync(self.s.device)
-        self.rec["times_s"].append(time.perf_counter() - t)
+        seconds, self.rec["loss"] = harness.timed(self.iteration, self.eps[: self.tasks], self.s.device)
+        self.rec["times_s"].append(seconds)
 
     def record(self) -> dict[str, Any]:
         rec = self.rec
@@ -193,8 +180,7 @@ def targets(records: list[dict[str, Any]], steps: list[int], device: str, quick:
         elif slow is None or fast is None:
             t.update(status="n/a", note="a configuration is missing (skipped or failed)")
         else:
-            t["ratio"] = slow["seconds"] / fast["seconds"]
-            ok = t["ratio"] >= bound if op == ">=" else t["ratio"] <= bound
+            t["ratio"], ok = harness.ratio_check(slow["seconds"], fast["seconds"], op, bound)
             t["status"] = "PASS" if ok else "FAIL"
         if quick:
             t["note"] = (t.get("note", "") + " (quick run: not the paper's setting)").strip()
@@ -215,36 +201,32 @@ def targets(records: list[dict[str, Any]], steps: list[int], device: str, quick:
 
 def table(records: list[dict[str, Any]], steps: list[int]) -> str:
     names = list(dict.fromkeys(r["name"] for r in records))
-    head = f"{'configuration':<16}" + "".join(f"{f'K={k} s/iter':>13}{'x per-task':>11}{'peak MB':>10}" for k in steps)
-    lines = [head, "-" * len(head)]
+    head = harness.columns([("configuration", -16)] + [c for k in steps for c in
+                                                       ((f"K={k} s/iter", 13), ("x per-task", 11), ("peak MB", 10))])
+    rows = []
     for n in names:
-        row = f"{n:<16}"
+        cells: list[tuple[str, int]] = [(n, -16)]
         for k in steps:
             r = next((x for x in records if x["name"] == n and x["inner_steps"] == k), None)
             pt = find(records, "per-task", k)
             if r is None or "seconds" not in r:
                 why = "skipped" if r is not None and "skipped" in r else "error" if r is not None else "-"
-                row += f"{why:>13}{'':>11}{'':>10}"
+                cells += [(why, 13), ("", 11), ("", 10)]
                 continue
             speed = f"{pt['seconds'] / r['seconds']:.2f}x" if pt else "-"
             secs = f"{r['seconds']:.2f}" + ("*" if r.get("extrapolated") else "")
-            row += f"{secs:>13}{speed:>11}{r['peak_mb']:>10.1f}"
-        lines.append(row)
-    return "\n".join(lines)
+            cells += [(secs, 13), (speed, 11), (f"{r['peak_mb']:.1f}", 10)]
+        rows.append(harness.columns(cells))
+    return harness.table(head, rows)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records, steps = result["records"], result["settings"]["steps"]
     names = list(dict.fromkeys(r["name"] for r in records))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = harness.two_panels((12, 4.2))
     width = 0.8 / max(1, len(steps))
-    for j, (key, label) in enumerate((("seconds", "seconds per meta-iteration"), ("peak_mb", "peak memory (MiB)"))):
-        ax = axes[j]
+    for ax, key in zip(axes, ("seconds", "peak_mb")):
+        label = harness.PANEL_LABELS[key]
         for i, k in enumerate(steps):
             vals, marks = [], []
             for n in names:
@@ -270,8 +252,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                  f"{st['meta_batch']}, {result['device_name']} ({st['threads']} thread(s))"
                  + (" [quick]" if st["quick"] else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save(fig, path)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -289,10 +270,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--faithful-tasks", type=int, default=None,
                    help="time the paper-faithful loop on this many tasks and scale to the meta-batch (it runs tasks "
                         "one after another); default 8 on CPU, all on CUDA; 0: all")
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--cg-steps", type=int, default=20)
-    p.add_argument("--plain-inner", action="store_true",
-                   help="every configuration without the inner-loop divergence guard (plain gradient descent)")
+    p.add_argument("--width", type=int, default=64, help=help_of(RunConfig, "width") + " (here: 64, the paper's)")
+    p.add_argument("--cg-steps", type=int, default=AlgoConfig.cg_steps, help=help_of(AlgoConfig, "cg_steps"))
+    p.add_argument("--plain-inner", action="store_true", help=help_of(AlgoConfig, "plain_inner") + " (every configuration)")
     s = p.parse_args(argv)
     s.ways, s.shots, s.query, s.shape = 5, 5, 5, [3, 32, 32]
     s.steps = [int(x) for x in (s.steps or ("5,10" if s.quick else "20,50")).split(",")]

@@ -282,9 +282,8 @@ def test_amp_bf16_runs_on_cpu(tiny, chunk):
 def test_amp_rejects_unknown_precision(tiny):
     from mrml.errors import UsageError
 
-    _, algo = make(torch.float32, amp="int4", task_chunk=2)
-    with pytest.raises(UsageError):
-        algo.meta_gradient(episodes(tiny, torch.float32, n=2))
+    with pytest.raises(UsageError, match="--amp must be bf16 or fp16"):  # refused when the AlgoConfig is made
+        make(torch.float32, amp="int4", task_chunk=2)
 
 
 def _compiled_matches_eager(tiny, backend):

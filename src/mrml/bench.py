@@ -25,6 +25,9 @@ What one configuration measures (`measure`):
   A record's `wall_s` is the child's own time for the configuration (building, episodes, all steps),
   without interpreter start-up and imports.
 
+The step function, device sync, warm-up, metered and timed steps, the ratio behind each target, the
+table layout and the figure are `mrml.harness`'s, shared with benchmarks/speed.py.
+
 The *floor* (algo "floor") is the least any of them can use: the same images through backbone and
 head with the plain task loss, support and query sets forwarded separately as the algorithms'
 trunks do, one backward per task, tasks one at a time, then the optimizer step; same meter.
@@ -44,11 +47,16 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from . import harness
+from .algorithms.algo_config import AlgoConfig
+from .config import RunConfig
 from .errors import UsageError
+from .settings import add_options, check_settings, like, setting
+from .validation import floats, ints
 
 # variant name -> RunConfig settings it changes
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -82,24 +90,37 @@ SECONDS_DEFINITION = "median over the timed repeats of one meta-gradient + optim
 
 @dataclass
 class BenchSettings:
-    """Everything a configuration's measurement depends on besides (algo, variant, K)."""
+    """Everything a configuration's measurement depends on besides (algo, variant, K).
 
-    dataset: str = SYNTHETIC
-    data_root: str | None = None
-    image_size: int | None = None  # synthetic: 32 when unset; real datasets: their own size when unset
-    channels: int = 3  # synthetic only
-    backbone: str = "conv4"
-    width: int | None = None  # None: the backbone's default (64 for conv4)
-    ways: int = 5
-    shots: int = 5
-    query: int = 5
-    meta_batch: int = 4
-    repeats: int = 3
-    cg_steps: int = 20
-    device: str = "auto"
-    seed: int = 0
-    threads: int | None = None  # None: torch's default (all cores)
-    timeout: float = 600.0
+    The options shared with `mrml train` reuse its declarations (help text and range; `like`), with
+    the benchmark's own defaults where they differ (5-shot, 5 query, synthetic images).
+
+    Example:
+        >>> s = BenchSettings(width=4)
+        >>> s.shots, s.cg_steps, s.width
+        (5, 20, 4)
+    """
+
+    dataset: str = like(RunConfig, "dataset", default=SYNTHETIC,
+                        help="synthetic (default: random images, no data needed) or a registered dataset name "
+                             "(with --data-root for files on disk)")
+    data_root: str | None = like(RunConfig, "data_root")
+    image_size: int | None = like(RunConfig, "image_size", help="image side (synthetic default 32; real datasets: "
+                                                                "their own size when unset)")
+    channels: int = setting(3, "image channels (synthetic)", range=ints(1, 64))
+    backbone: str = like(RunConfig, "backbone")
+    width: int | None = like(RunConfig, "width")
+    ways: int = like(RunConfig, "ways")
+    shots: int = like(RunConfig, "shots", default=5)
+    query: int = like(RunConfig, "query", default=5)
+    meta_batch: int = like(RunConfig, "meta_batch")
+    repeats: int = setting(3, "timed meta-steps after the warm-up (median reported)", range=ints(1, 10**4))
+    cg_steps: int = like(AlgoConfig, "cg_steps")
+    device: str = like(RunConfig, "device")
+    seed: int = like(RunConfig, "seed")
+    threads: int | None = like(RunConfig, "threads", help="torch threads in each child (default: torch's, all cores)")
+    timeout: float = setting(600.0, "seconds allowed per configuration",
+                             range=floats(0, 10**7, open_low=True, hint="seconds per configuration"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,7 +164,6 @@ def build_config(s: BenchSettings, source: Any, algo: str, variant: str, inner_s
     import torch
 
     from .algorithms import build_algorithm
-    from .config import RunConfig
     from .models import build_model
     from .train import Run, pick_device
 
@@ -151,7 +171,6 @@ def build_config(s: BenchSettings, source: Any, algo: str, variant: str, inner_s
                     query=s.query, algo="mrml" if algo == FLOOR else algo, inner_steps=inner_steps or 0,
                     cg_steps=s.cg_steps, backbone=s.backbone, width=s.width, meta_batch=s.meta_batch, seed=s.seed,
                     device=s.device, **VARIANTS[variant])
-    cfg.validate()
     device = pick_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     source.check_episode("train", cfg.ways, cfg.shots, cfg.query)
@@ -175,12 +194,7 @@ def build_config(s: BenchSettings, source: Any, algo: str, variant: str, inner_s
 def step_function(run: Any) -> Callable[[list], float]:
     """One meta-iteration (meta-gradient + optimizer step) on a list of episodes; returns the loss."""
     if run.algo is not None:
-        def meta_step(eps: list) -> float:
-            stats = run.algo.meta_gradient(eps)
-            run.optimizer.step()
-            return stats.loss
-
-        return meta_step
+        return harness.meta_step(run.algo, run.optimizer)
 
     from .algorithms.losses import TaskLoss
 
@@ -205,35 +219,20 @@ def measure(s: BenchSettings, algo: str, variant: str, inner_steps: int | None) 
     """Peak memory of one metered step and the median seconds of `repeats` timed steps (see the module doc)."""
     import torch
 
-    from .memory import PeakMemoryMeter
-
     t_start = time.perf_counter()
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     source = make_source(s)
     run = build_config(s, source, algo, variant, inner_steps)
     dev = run.device
-    cuda = dev.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(dev)
-
     batches = [run.episodes(t) for t in range(2 + s.repeats)]
     step = step_function(run)
-    step(batches[0])  # warm-up: optimizer state exists afterwards
-    sync()
-    meter = PeakMemoryMeter(dev)
-    with meter:
-        loss = step(batches[1])
-    report = meter.report()
+    harness.warm_up(step, batches[0], dev)  # optimizer state exists afterwards
+    report, loss = harness.metered(step, batches[1], dev)
     times = []
     for t in range(s.repeats):
-        sync()
-        t0 = time.perf_counter()
-        loss = step(batches[2 + t])
-        sync()
-        times.append(time.perf_counter() - t0)
+        seconds, loss = harness.timed(step, batches[2 + t], dev)
+        times.append(seconds)
     rec: dict[str, Any] = {
         "algo": algo, "variant": variant, "inner_steps": inner_steps,
         "peak_mb": round(report.peak_mb, 3), "seconds": round(statistics.median(times), 5),
@@ -377,9 +376,9 @@ def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def add(name: str, num: dict, den: dict, key: str, threshold: float) -> None:
         if not den[key]:
             return
-        value = num[key] / den[key]
+        value, ok = harness.ratio_check(num[key], den[key], "<=", threshold)
         out.append({"name": name, "quantity": key, "value": round(value, 4), "threshold": threshold,
-                    "pass": bool(value <= threshold),
+                    "pass": ok,
                     "numerator": [num["algo"], num["variant"], num["inner_steps"], num[key]],
                     "denominator": [den["algo"], den["variant"], den["inner_steps"], den[key]]})
 
@@ -417,19 +416,20 @@ def target_lines(ts: list[dict[str, Any]]) -> list[str]:
 
 def table(records: list[dict[str, Any]]) -> str:
     cuda = any("cuda_peak_mb" in r for r in records)
-    head = f"{'algo':<10} {'variant':<11} {'K':>5} {'peak MB':>10}" + (f" {'cuda MB':>10}" if cuda else "") + f" {'s/iter':>10}"
-    lines = [head, "-" * len(head)]
+    widths = [("algo", -10), ("variant", -11), ("K", 5), ("peak MB", 10)] + ([("cuda MB", 10)] if cuda else [])
+    rows = []
     for r in records:
         k = "-" if r["inner_steps"] is None else str(r["inner_steps"])
+        first = harness.columns([(r["algo"], -10), (r["variant"], -11), (k, 5)], sep=" ")
         if r.get("error"):
-            lines.append(f"{r['algo']:<10} {r['variant']:<11} {k:>5}  error: {r['error']}")
+            rows.append(f"{first}  error: {r['error']}")
             continue
-        row = f"{r['algo']:<10} {r['variant']:<11} {k:>5} {r['peak_mb']:>10.2f}"
+        cells = [(f"{r['peak_mb']:.2f}", 10)]
         if cuda:
             c = r.get("cuda_peak_mb")
-            row += f" {c:>10.2f}" if c is not None else f" {'-':>10}"
-        lines.append(row + f" {r['seconds']:>10.4f}")
-    return "\n".join(lines)
+            cells.append((f"{c:.2f}" if c is not None else "-", 10))
+        rows.append(first + " " + harness.columns(cells + [(f"{r['seconds']:.4f}", 10)], sep=" "))
+    return harness.table(harness.columns(widths + [("s/iter", 10)], sep=" "), rows)
 
 
 def title(settings: dict[str, Any]) -> str:
@@ -442,7 +442,6 @@ def title(settings: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: str | Path) -> None:
     """Two panels, peak MB and seconds per meta-iteration against K (log-log), floor as a horizontal line."""
-    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
 
     records = [r for r in result["records"] if not r.get("error") and r.get("peak_mb") is not None]
@@ -454,10 +453,9 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     algos = list(dict.fromkeys(a for a, _ in series))
     colors = {a: f"C{i % 10}" for i, a in enumerate(algos)}
     styles = {"default": ("-", "o"), "recompute": ("--", "s"), "last-block": (":", "^"), "all": ("-.", "D")}
-    fig = Figure(figsize=(13, 5.6))
-    axes = fig.subplots(1, 2)
-    for ax, key, label in ((axes[0], "peak_mb", "peak memory per meta-iteration (MiB)"),
-                           (axes[1], "seconds", "seconds per meta-iteration")):
+    fig, axes = harness.two_panels((13, 5.6))
+    for ax, key in zip(axes, ("peak_mb", "seconds")):
+        label = harness.PANEL_LABELS[key]
         for (a, v), rs in series.items():
             rs = sorted(rs, key=lambda r: r["inner_steps"])
             ls, mk = styles.get(v, ("-", "x"))
@@ -486,7 +484,7 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     fig.suptitle("Peak memory and time per meta-iteration vs inner steps K" + note + "\n" + title(result["settings"]),
                  fontsize=9)
     fig.tight_layout(rect=(0, 0.09, 1, 0.95))
-    fig.savefig(str(path), dpi=110)
+    harness.save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,9 +542,7 @@ def validate(s: BenchSettings, jobs: list[tuple[str, str, int | None]]) -> dict[
     import torch
 
     from .train import pick_device
-    from .validation import BENCH_RANGES, check_all
-
-    check_all(s, BENCH_RANGES)
+    check_settings(s)
     dev = pick_device(s.device)
     s.device = str(dev)
     if s.data_root is not None and s.dataset == SYNTHETIC:
@@ -648,23 +644,7 @@ def add_commands(subparsers: Any, commands: dict[str, Callable[[argparse.Namespa
                    help="configurations not to measure, e.g. maml:100 (too slow on a small machine)")
     m.add_argument("--json", default=None, metavar="OUT.json", help="write settings, records and targets here")
     m.add_argument("--plot", default=None, metavar="OUT.png", help="plot peak MB and seconds against K")
-    m.add_argument("--dataset", default=SYNTHETIC, help="synthetic (default: random images, no data needed) or a "
-                   "registered dataset name (with --data-root for files on disk)")
-    m.add_argument("--data-root", default=None)
-    m.add_argument("--image-size", type=int, default=None, help="image side (synthetic default 32)")
-    m.add_argument("--channels", type=int, default=3, help="image channels (synthetic)")
-    m.add_argument("--backbone", default="conv4")
-    m.add_argument("--width", type=int, default=None, help="backbone width (default: the backbone's, 64 for conv4)")
-    m.add_argument("--ways", type=int, default=5)
-    m.add_argument("--shots", type=int, default=5)
-    m.add_argument("--query", type=int, default=5)
-    m.add_argument("--meta-batch", type=int, default=4)
-    m.add_argument("--repeats", type=int, default=3, help="timed meta-steps after the warm-up (median reported)")
-    m.add_argument("--cg-steps", type=int, default=20)
-    m.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's, all cores)")
-    m.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per configuration (default 600)")
+    add_options(m, BenchSettings, show_defaults=True)  # the settings, as declared (defaults in BenchSettings)
     commands["bench"] = cmd_bench
 
 
@@ -686,10 +666,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
                 raise UsageError(f"unknown variant {v!r} in --variants: expected some of {', '.join(VARIANTS)}")
     steps = parse_steps(ns.steps)
     skip = parse_skip(ns.skip, algos)
-    s = BenchSettings(dataset=ns.dataset, data_root=ns.data_root, image_size=ns.image_size, channels=ns.channels,
-                      backbone=ns.backbone, width=ns.width, ways=ns.ways, shots=ns.shots, query=ns.query,
-                      meta_batch=ns.meta_batch, repeats=ns.repeats, cg_steps=ns.cg_steps, device=ns.device,
-                      seed=ns.seed, threads=ns.threads, timeout=ns.timeout)
+    s = BenchSettings(**{f.name: getattr(ns, f.name) for f in fields(BenchSettings) if getattr(ns, f.name) is not None})
     if s.dataset == SYNTHETIC and s.image_size is None:
         s.image_size = 32
     _, code = run_memory_bench(s, algos, variants, steps, ns.json, ns.plot, skip=skip)

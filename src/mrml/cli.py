@@ -13,79 +13,29 @@ from typing import Any, Callable, Sequence
 
 from .errors import Interrupted, NonFiniteError, UsageError
 
-# option name -> (type, help); defaults live in RunConfig, so only given options are passed on
-TRAIN_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "dataset": (str, "task source: glyphs (default, embedded), sinusoid, cifar-fs, fc100, mini-imagenet, tiered-imagenet, omniglot"),
-    "data_root": (str, "folder holding the dataset files (on-disk benchmarks)"),
-    "split_file": (str, "class split JSON to use instead of the canonical one"),
-    "image_size": (int, "resize images to this side length (on-disk benchmarks)"),
-    "algo": (str, "algorithm: mrml (default) and the baselines (see `mrml train --help`)"),
-    "ways": (int, "classes per episode (N)"),
-    "shots": (int, "support examples per class (K-shot)"),
-    "query": (int, "query examples per class"),
-    "meta_batch": (int, "tasks per outer iteration"),
-    "iterations": (int, "outer iterations (0: untrained reference)"),
-    "inner_steps": (int, "inner gradient steps K"),
-    "inner_lr": (float, "inner step size alpha"),
-    "outer_lr": (float, "outer (Adam) learning rate"),
-    "cg_steps": (int, "conjugate-gradient iterations N"),
-    "cg_tol": (float, "relative CG residual at which the solve stops early"),
-    "l2": (float, "lambda: ridge (head) or proximal strength of the inner loss"),
-    "inner": (str, "inner part: head, last-block, all, or parameter name prefixes"),
-    "backbone": (str, "conv4 (default), resnet12, or mlp (sinusoid)"),
-    "width": (int, "backbone width (filters); default per backbone"),
-    "seed": (int, "seed of the model init and the training episodes"),
-    "eval_seed": (int, "seed of the validation/test episodes"),
-    "out": (str, "run folder (config.json, metrics.jsonl, checkpoint.pt, final.json)"),
-    "device": (str, "auto (default), cpu, cuda, cuda:N"),
-    "dtype": (str, "float32 (default) or float64"),
-    "task_chunk": (int, "tasks per batched (vmap) pass of mrml; 1 (default): one at a time (best on CPU)"),
-    "amp": (str, "mixed precision for the backbone: bf16 or fp16 (CUDA; CG stays float32)"),
-    "threads": (int, "CPU threads for torch (default: one per core; 1 is faster when other jobs share the cores)"),
-    "preset": (str, "the authors' settings: cifar-fs, fc100, mini-imagenet, tiered-imagenet; paper: mrml in the "
-                    "paper's form (gd inner steps, CG) on any dataset"),
-    "optimizer": (str, "outer optimizer: adam (default) or sgd"),
-    "test_steps": (int, "head adaptation steps at test time"),
-    "test_lr": (float, "head adaptation step size at test time"),
-    "log_every": (int, "iterations between metrics.jsonl records"),
-    "val_every": (int, "iterations between validations"),
-    "val_episodes": (int, "episodes per validation"),
-    "test_episodes": (int, "episodes of the final meta-test"),
-    "checkpoint_every": (int, "iterations between checkpoints"),
-    "dist_timeout": (float, "seconds a distributed process waits for the others before failing (torchrun runs)"),
-    "inner_solver": (str, "inner solver: newton (mrml's default: solved to --inner-tol, --inner-steps the cap) or gd "
-                          "(K gradient steps: Algorithm 1 as written)"),
-    "inner_tol": (float, "exact inner solve stops at ||d_y g|| <= tol * max(1, ||d_y g(y_0)||)"),
-    "implicit": (str, "implicit system: direct (linear head) | cg | damped | neumann (see README)"),
-}
-TRAIN_FLAGS = {
-    "warm_start": "keep each task's inner solution and CG vector across iterations (fixed task sets)",
-    "recompute_features": "paper-faithful form: re-run the backbone with gradient in every inner step",
-    "first_order": "drop second-order terms where the algorithm has them",
-    "plain_inner": "plain inner gradient descent: no divergence guard (the paper's loop; no per-step GPU sync)",
-    "augment": "training-set augmentation (image datasets that offer it)",
-    "compile": "torch.compile the backbone (falls back to eager with a warning where it cannot)",
-    "tensorboard": "also log to TensorBoard in OUT/tensorboard (needs the tensorboard package)",
-    "rotations": "add 90/180/270-degree rotations of each class as new classes (image datasets)",
-    "learn_l2": "learn lambda (log-parametrised) as an outer variable, starting from --l2 (mrml's default "
-                "with the exact solver; --no-learn-l2 keeps it fixed)",
-}
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    for name, (typ, help_) in TRAIN_OPTIONS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
-    for name, help_ in TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None, help=help_)
-    p.add_argument("--prox", dest="prox", action="store_true", default=None, help="proximal inner loss (learned centre)")
-    p.add_argument("--no-prox", dest="prox", action="store_false", help="ridge inner loss (centre 0)")
-    p.add_argument("--no-learn-l2", dest="learn_l2", action="store_false",
-                   help="keep lambda fixed at --l2 (mrml learns it by default with its exact solver)")
+def _add_train_options(p: argparse.ArgumentParser) -> list[str]:
+    """`mrml train`'s settings, made from their declarations (RunConfig and AlgoConfig fields); returns their names."""
+    from .algorithms.algo_config import AlgoConfig
+    from .config import RunConfig
+    from .settings import add_options
+
+    names = add_options(p.add_argument_group("task source, model, outer loop and run"), RunConfig)
+    return names + add_options(p.add_argument_group("algorithm (AlgoConfig)"), AlgoConfig)
+
+
+def train_settings() -> list[str]:
+    """The names of `mrml train`'s setting options (every command-line field of RunConfig and AlgoConfig)."""
+    from .algorithms.algo_config import AlgoConfig
+    from .config import RunConfig
+    from .settings import cli_settings
+
+    return [f.name for cls in (RunConfig, AlgoConfig) for f in cli_settings(cls)]
 
 
 def explicit_options(ns: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -98,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="meta-train (default: glyphs 5-way 1-shot with mrml)")
     _add_train_options(p)
+    p.add_argument("--config", metavar="FILE.json", default=None,
+                   help="settings from a JSON file, e.g. a run's config.json (options given here win; its `out` is "
+                        "ignored: the new run goes to --out or a fresh folder)")
     p.add_argument("--resume", metavar="DIR", default=None, help="continue the run in DIR where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -130,17 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .config import RunConfig
+    from .config import RunConfig, read_config_file
     from .train import train
 
-    opts = explicit_options(ns, list(TRAIN_OPTIONS) + list(TRAIN_FLAGS) + ["prox"])
+    opts = explicit_options(ns, train_settings())
     if ns.resume is not None:
         extra = set(opts) - {"iterations"}
+        if ns.config is not None:
+            extra.add("config")
         if extra:
             raise UsageError(f"--resume continues a run with its saved settings; only --iterations may change (got --{sorted(extra)[0].replace('_', '-')})")
         train(resume=ns.resume, iterations=opts.get("iterations"), progress=not ns.no_progress)
     else:
-        train(RunConfig.resolve(opts), progress=not ns.no_progress)
+        base = read_config_file(ns.config) if ns.config is not None else None
+        train(RunConfig.resolve(opts, base), progress=not ns.no_progress)
     return 0
 
 

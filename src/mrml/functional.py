@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from .algorithms.algo_config import INNER_SOLVERS
 from .algorithms.inner import InnerInfo, newton_cg
 from .errors import UsageError
 from .implicit import CGInfo, conjugate_gradient, neumann_series
@@ -43,7 +44,6 @@ Params = dict[str, torch.Tensor]
 Objective = Callable[[Params, Params, Any], torch.Tensor]
 ValueAndGrad = Callable[[Params], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
 
-INNER_SOLVERS = ("gd", "newton")
 IMPLICIT_METHODS = ("cg", "damped", "neumann")
 
 

@@ -1,12 +1,16 @@
-"""Ranges of every numeric setting, in one table per front end: a bad value is one line saying what fits.
+"""Ranges of numeric settings: a bad value is one line saying what fits.
+
+The settings of `mrml train` (RunConfig, AlgoConfig) and `mrml bench memory` (BenchSettings) declare
+their ranges with `ints`/`floats` in their fields' metadata (`mrml.settings`); options that are not
+such settings (those of `mrml eval`) are rows of a table checked by `check_all`.
 
 A `Range` row reads: option `name` is an int (or a float) in `low..high` (`low` excluded when
-`open_low`), `None` allowed when `optional`. New settings are one more row.
+`open_low`), `None` allowed when `optional`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .errors import UsageError
@@ -44,75 +48,25 @@ class Range:
         if not ok:
             raise UsageError(f"{flag} must be {bound} ({what}; got {value!r}){'; ' + self.hint if self.hint else ''}")
 
+
+def ints(low: int, high: int, hint: str = "") -> Range:
+    """Integers in low..high (the range of a declared setting: its name is the field's)."""
+    return Range("", int, low, high, hint=hint)
+
+
+def floats(low: float, high: float, open_low: bool = False, hint: str = "") -> Range:
+    """Finite numbers in low..high (`low` itself excluded when `open_low`)."""
+    return Range("", float, low, high, open_low=open_low, hint=hint)
+
+
 def check_all(obj: Any, table: Iterable[Range], flags: dict[str, str] | None = None) -> None:
     """Check the attributes of `obj` named in `table`; the first bad one raises a one-line UsageError."""
     for r in table:
         r.check(getattr(obj, r.name), (flags or {}).get(r.name))
 
 
-def check_types(obj: Any) -> None:
-    """The str and bool fields of dataclass `obj` hold str and bool (a tampered config.json or checkpoint may not)."""
-    kinds = {"str": (str,), "bool": (bool,)}
-    for f in fields(obj):
-        parts = [p.strip() for p in str(f.type).split("|")]
-        base = [p for p in parts if p != "None"]
-        if len(base) != 1 or base[0] not in kinds:
-            continue
-        value = getattr(obj, f.name)
-        if value is None and "None" in parts:
-            continue
-        if not isinstance(value, kinds[base[0]]):
-            raise UsageError(f"setting {f.name} must be a {base[0]} (got {value!r})")
-
-
-# `mrml train` and RunConfig (the Python API validates the same table)
-RUN_RANGES: tuple[Range, ...] = (
-    Range("image_size", int, 1, 1024, optional=True, hint="image side in pixels"),
-    Range("ways", int, 1, 10**5),
-    Range("shots", int, 1, 10**5),
-    Range("query", int, 1, 10**5),
-    Range("inner_steps", int, 0, 10**6),
-    Range("inner_lr", float, 0, LR_MAX, open_low=True),
-    Range("inner_tol", float, 0, LR_MAX, open_low=True),
-    Range("l2", float, 0, LR_MAX, optional=True),
-    Range("cg_steps", int, 0, 10**6),
-    Range("cg_tol", float, 0, LR_MAX),
-    Range("test_steps", int, 0, 10**6),
-    Range("test_lr", float, 0, LR_MAX, open_low=True),
-    Range("task_chunk", int, 1, 10**5),
-    Range("width", int, 1, 4096, optional=True, hint="leave it out for the backbone's default"),
-    Range("meta_batch", int, 1, 10**5),
-    Range("iterations", int, 0, BIG),
-    Range("outer_lr", float, 0, LR_MAX, open_low=True),
-    Range("seed", int, 0, SEED_MAX),
-    Range("eval_seed", int, 0, SEED_MAX),
-    Range("threads", int, 1, 1024, optional=True),
-    Range("log_every", int, 1, BIG),
-    Range("val_every", int, 1, BIG),
-    Range("val_episodes", int, 1, EPISODES_MAX),
-    Range("test_episodes", int, 1, EPISODES_MAX),
-    Range("checkpoint_every", int, 1, BIG),
-    Range("dist_timeout", float, 0, 10**7, open_low=True, hint="seconds, e.g. 600"),
-)
-
 # `mrml eval`
 EVAL_RANGES: tuple[Range, ...] = (
     Range("episodes", int, 1, EPISODES_MAX),
     Range("seed", int, 0, SEED_MAX, optional=True),
-)
-
-# `mrml bench memory` (BenchSettings)
-BENCH_RANGES: tuple[Range, ...] = (
-    Range("image_size", int, 1, 1024, optional=True),
-    Range("channels", int, 1, 64),
-    Range("width", int, 1, 4096, optional=True),
-    Range("ways", int, 1, 10**5),
-    Range("shots", int, 1, 10**5),
-    Range("query", int, 1, 10**5),
-    Range("meta_batch", int, 1, 10**5),
-    Range("repeats", int, 1, 10**4),
-    Range("cg_steps", int, 0, 10**6),
-    Range("seed", int, 0, SEED_MAX),
-    Range("threads", int, 1, 1024, optional=True),
-    Range("timeout", float, 0, 10**7, open_low=True, hint="seconds per configuration"),
 )

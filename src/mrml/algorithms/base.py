@@ -13,60 +13,21 @@ from __future__ import annotations
 import abc
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from .. import pytree
-from ..functional import INNER_SOLVERS, MAX_HALVINGS, descend, guard_rtol  # noqa: F401 (re-exported)
+from ..functional import MAX_HALVINGS, descend, guard_rtol  # noqa: F401 (re-exported)
 from ..data.base import Episode
 from ..errors import UsageError
 from ..models.split import ModelSplit, Params, split_model
+from .algo_config import IMPLICIT_SYSTEMS, INNER_SOLVERS, AlgoConfig  # noqa: F401 (re-exported)
 from .inner import InnerInfo, newton_cg, newton_head
 from .linear_head import HeadLayout, LinearHeadLoss, closed_form_head
 from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
-
-IMPLICIT_SYSTEMS = ("cg", "direct", "damped", "neumann")
-
-
-@dataclass
-class AlgoConfig:
-    """Settings shared by the algorithms (each uses the ones that apply to it)."""
-
-    inner: str | None = None  # which parameters adapt per task: head | last-block | all | name prefixes (None: the algorithm's default)
-    inner_steps: int = 20  # K: gradient steps (gd) or the iteration cap of an exact solver
-    inner_solver: str | None = None  # gd | newton (None: the algorithm's default; see mrml.algorithms.inner)
-    inner_tol: float = 1e-6  # exact solvers stop at ||d_y g|| <= inner_tol * max(1, ||d_y g(y_0)||)
-    implicit: str | None = None  # cg | direct | damped | neumann (None: direct where the head has closed forms, else cg)
-    learn_l2: bool | None = None  # learn lambda (log-parametrised) as an outer variable (None: the algorithm's default)
-    inner_lr: float = 0.1  # alpha
-    l2: float | None = None  # lambda: ridge (head) or proximal strength of the inner loss (None: the algorithm's default)
-    prox: bool | None = None  # proximal term lam/2||y - y0||^2, learned y0; None: iff inner goes beyond the last stage
-    cg_steps: int = 20  # N
-    cg_tol: float = 1e-10  # relative residual at which CG stops early
-    warm_start: bool = False  # keep each task's y and v across outer iterations (fixed, finite task sets)
-    recompute_features: bool = False  # paper-faithful form: re-run the whole network in every inner step
-    test_steps: int = 20
-    test_lr: float = 0.05
-    first_order: bool = False
-    plain_inner: bool = False  # no divergence guard: plain gradient descent (the paper's loop; no per-step host sync)
-    # -- speed (mrml; see mrml.algorithms.batched) ---------------------------------------------
-    task_chunk: int = 1  # tasks per batched pass (C); 1: the per-task loop, peak memory of one task
-    amp: str | None = None  # "bf16" | "fp16": autocast the trunk forward (CUDA; bf16 also on CPU); CG stays float32
-    compile: bool = False  # torch.compile the (task-batched) trunk; falls back to eager with a warning
-    # ------------------------------------------------------------------------------------------
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def batched(self) -> bool:
-        """Whether the settings ask for the task-batched path (chunks, mixed precision or compile)."""
-        return self.task_chunk > 1 or bool(self.amp) or self.compile
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class StepStats:

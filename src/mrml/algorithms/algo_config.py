@@ -1,0 +1,95 @@
+"""`AlgoConfig`: the settings the algorithms share, each declared once (default, help, allowed values).
+
+The same declarations make `mrml train`'s algorithm options and their checks (`mrml.settings`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..settings import check_settings, setting
+from ..validation import LR_MAX, floats, ints
+
+INNER_SOLVERS = ("gd", "newton")
+IMPLICIT_SYSTEMS = ("cg", "direct", "damped", "neumann")
+AMP_KINDS = ("bf16", "fp16")
+STEPS_MAX = 10**6
+
+
+@dataclass
+class AlgoConfig:
+    """Settings shared by the algorithms (each uses the ones that apply to it); checked when made.
+
+    A field left None is resolved by the algorithm (e.g. mrml's inner part is its head, its inner
+    solver newton). A value out of its range or choices raises a one-line `mrml.errors.UsageError`.
+    `mrml.settings.help_of(AlgoConfig, name)` is a field's documentation (also its `--help` line).
+
+    Example:
+        >>> from mrml.errors import UsageError
+        >>> AlgoConfig(inner_steps=5, l2=0.5).inner_steps
+        5
+        >>> try:
+        ...     AlgoConfig(amp="fp8")
+        ... except UsageError as e:
+        ...     print(e)
+        --amp must be bf16 or fp16 (got 'fp8')
+    """
+
+    inner: str | None = setting(None, "inner part adapted per task: head, last-block, all, or parameter name "
+                                      "prefixes (default: the algorithm's, head for mrml)")
+    inner_steps: int = setting(20, "inner gradient steps K (gd), or the iteration cap of an exact inner solve",
+                               range=ints(0, STEPS_MAX))
+    inner_solver: str | None = setting(
+        None, "inner solver: newton (mrml's default: solved to --inner-tol, --inner-steps the cap) or gd "
+              "(K gradient steps: Algorithm 1 as written)", choices=INNER_SOLVERS,
+        hint="mrml and imaml accept --inner-solver newton or gd, the unrolled methods gd")
+    inner_tol: float = setting(1e-6, "exact inner solve stops at ||d_y g|| <= tol * max(1, ||d_y g(y_0)||)",
+                               range=floats(0, LR_MAX, open_low=True))
+    implicit: str | None = setting(None, "implicit system: direct (linear head; the default there) | cg (default "
+                                         "elsewhere) | damped | neumann (see README)", choices=IMPLICIT_SYSTEMS)
+    learn_l2: bool | None = setting(
+        None, "learn lambda (log-parametrised) as an outer variable, starting from --l2 (mrml's default "
+              "with the exact solver; --no-learn-l2 keeps it fixed)",
+        no_help="keep lambda fixed at --l2 (mrml learns it by default with its exact solver)")
+    inner_lr: float = setting(0.1, "inner step size alpha", range=floats(0, LR_MAX, open_low=True))
+    l2: float | None = setting(None, "lambda: ridge (head) or proximal strength of the inner loss (default: the "
+                                     "algorithm's, 0.1 for mrml: the starting value when learned)",
+                               range=floats(0, LR_MAX))
+    prox: bool | None = setting(None, "proximal inner loss lam/2||y - y0||^2 with a learned centre y0 (default: "
+                                      "iff the inner part goes beyond the last stage)",
+                                no_help="ridge inner loss (centre 0)")
+    cg_steps: int = setting(20, "conjugate-gradient iterations N", range=ints(0, STEPS_MAX))
+    cg_tol: float = setting(1e-10, "relative CG residual at which the solve stops early", range=floats(0, LR_MAX))
+    warm_start: bool = setting(False, "keep each task's inner solution and CG vector across iterations (fixed "
+                                      "task sets)")
+    recompute_features: bool = setting(False, "paper-faithful form: re-run the backbone with gradient in every "
+                                              "inner step")
+    test_steps: int = setting(20, "head adaptation steps at test time", range=ints(0, STEPS_MAX))
+    test_lr: float = setting(0.05, "head adaptation step size at test time", range=floats(0, LR_MAX, open_low=True))
+    first_order: bool = setting(False, "drop second-order terms where the algorithm has them")
+    plain_inner: bool = setting(False, "plain inner gradient descent: no divergence guard (the paper's loop; no "
+                                       "per-step GPU sync)")
+    # -- speed (mrml; see mrml.algorithms.batched) ---------------------------------------------
+    task_chunk: int = setting(1, "tasks per batched (vmap) pass of mrml; 1 (default): one at a time (best on CPU)",
+                              range=ints(1, 10**5))
+    amp: str | None = setting(None, "mixed precision for the backbone: bf16 or fp16 (CUDA; bf16 also on CPU; CG "
+                                    "stays float32)", choices=AMP_KINDS)
+    compile: bool = setting(False, "torch.compile the backbone (falls back to eager with a warning where it cannot)")
+    # ------------------------------------------------------------------------------------------
+    extra: dict[str, Any] = setting(help="algorithm-specific settings by name (Python API only)", cli=False,
+                                    default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+    def validate(self) -> None:
+        """Check the settings again (after fields were assigned); one-line UsageError for the first bad one."""
+        check_settings(self)
+
+    @property
+    def batched(self) -> bool:
+        """Whether the settings ask for the task-batched path (chunks, mixed precision or compile)."""
+        return self.task_chunk > 1 or bool(self.amp) or self.compile
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
