@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCK = re.compile(r"```python\n(.*?)```\s*\n```text\n# output\n(.*?)```", re.S)
+BLOCK = re.compile(r"```python\n((?:(?!```).)*)```\s*\n```text\n# output\n((?:(?!```).)*)```", re.S)
 
 
 def examples() -> list[tuple[str, str]]:

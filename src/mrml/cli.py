@@ -59,16 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--seed", type=int, default=None, help="episode seed (default: the run's eval seed)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--dataset", default=None, help="test on this dataset instead of the run's (images resized and "
-                                                   "converted to the run's input shape)")
+    from .algorithms.algo_config import AlgoConfig
+    from .config import RunConfig
+    from .settings import add_options
+
+    override = " (default: the run's)"
+    add_options(p, RunConfig, only=("dataset",), suffix="; default: the run's. Another dataset is resized and "
+                                                        "converted to the run's input shape")
     p.add_argument("--data-root", default=None, help="dataset folder (of --dataset, or the run's if it moved)")
-    p.add_argument("--split-file", default=None, help="class split JSON of the dataset (on-disk benchmarks)")
-    p.add_argument("--ways", type=int, default=None, help="classes per episode (default: the run's)")
-    p.add_argument("--shots", type=int, default=None, help="support examples per class (default: the run's)")
-    p.add_argument("--query", type=int, default=None, help="query examples per class (default: the run's)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--test-steps", type=int, default=None, help="test-time adaptation steps (default: the run's)")
-    p.add_argument("--test-lr", type=float, default=None, help="test-time adaptation step size (default: the run's)")
+    add_options(p, RunConfig, only=("split_file", "ways", "shots", "query", "device"), suffix=override)
+    add_options(p, AlgoConfig, only=("test_steps", "test_lr"), suffix=override)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("data", help="inspect datasets on disk")

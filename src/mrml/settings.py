@@ -148,13 +148,16 @@ def check_settings(obj: Any) -> None:
 
 
 def add_options(parser: argparse.ArgumentParser, cls: Any, skip: tuple[str, ...] = (),
-                defaults: bool = False, show_defaults: bool = False) -> list[str]:
+                defaults: bool = False, show_defaults: bool = False, only: tuple[str, ...] | None = None,
+                suffix: str = "") -> list[str]:
     """Add one option per command-line setting of dataclass `cls` to `parser`; returns their dest names.
 
     Each option stores None unless given (`defaults=True`: the declared default), so that only the
     options a user gave override the layers below (preset, config file). A bool setting is a switch
     (`--NAME` stores True, plus `--no-NAME` storing False where the setting declares `no_help`).
     `show_defaults` appends "[default: X]" to the help of settings with a default other than None and False.
+    `only` keeps just those settings (e.g. a command that overrides a few saved ones); `suffix` is appended
+    to every help text.
 
     Example:
         >>> from mrml.algorithms.algo_config import AlgoConfig
@@ -165,12 +168,12 @@ def add_options(parser: argparse.ArgumentParser, cls: Any, skip: tuple[str, ...]
     """
     names = []
     for f in cli_settings(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         base, _ = kind(f)
         meta, opt = f.metadata, flag(f.name)
         default = default_of(f) if defaults else None
-        help_ = meta["help"]
+        help_ = meta["help"] + suffix
         if show_defaults and default_of(f) not in (None, False):
             help_ += f" [default: {default_of(f)}]"
         if base == "bool":

@@ -167,8 +167,6 @@ class MetaAlgorithm(abc.ABC):
         if cfg.learn_l2 is None:  # learned by default only in the default form: exact solve of a linear head
             cfg.learn_l2 = (self.default_learn_l2 and cfg.inner_solver == "newton" and self.head is not None
                             and not cfg.batched)
-        if not cfg.inner_tol > 0:
-            raise UsageError(f"--inner-tol must be > 0 (got {cfg.inner_tol})")
         if cfg.inner_solver == "newton" and not cfg.l2 > 0:
             raise UsageError(f"--inner-solver newton needs --l2 > 0 (got {cfg.l2}): without it the inner problem "
                              "may have no minimiser; use --inner-solver gd for l2 = 0")
