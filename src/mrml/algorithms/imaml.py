@@ -27,7 +27,30 @@ from .mrml import MRML
 
 
 class IMAML(MRML):
-    """mrml's implicit hypergradient with a proximal inner loss over the whole network."""
+    """iMAML: every parameter adapts on the proximal inner loss support loss + (lam/2)||y - y0||^2
+    with the init y0 learned; its meta-gradient, the implicit (I + H/lam)^{-1} d_y f at the inner
+    solution, comes from mrml's surrogate (K gradient steps + CG). Default lam = 2.
+
+    Args:
+        model, loss, config, trunk, inner_loss: as for `MetaAlgorithm`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mrml import IMAML, AlgoConfig, Episode
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+        >>> learner = IMAML(model, "classification", AlgoConfig(inner_steps=5, cg_steps=5))
+        >>> learner.prox, learner.config.inner, learner.config.l2
+        (True, 'all', 2.0)
+        >>> opt = torch.optim.Adam(learner.outer_parameters(), lr=1e-3)
+        >>> y = torch.arange(3).repeat(2)
+        >>> ep = Episode(torch.randn(6, 4, dtype=torch.float64), y, torch.randn(6, 4, dtype=torch.float64), y)
+        >>> stats = learner.meta_gradient([ep])
+        >>> opt.step()
+        >>> round(stats.loss, 2), sorted(stats.extra)[:3]
+        (1.12, ['cg_iterations', 'cg_residual', 'inner_capped'])
+    """
 
     name = "imaml"
     learns_inner_init = True

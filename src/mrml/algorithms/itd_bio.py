@@ -17,7 +17,30 @@ from .maml import Unrolled
 
 
 class ITDBiO(Unrolled):
-    """Iterative differentiation of the regularised bilevel problem; head init fixed."""
+    """ITD-BiO: K head steps on mrml's ridge-regularised inner loss, unrolled with graph from a fixed
+    (not learned) head init; the query loss is differentiated through them (memory linear in K; it
+    tends to mrml's implicit hypergradient as K grows). Test-time adaptation: mrml's.
+
+    Args:
+        model, loss, config, trunk, inner_loss: as for `MetaAlgorithm`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mrml import ITDBiO, AlgoConfig, Episode
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+        >>> learner = ITDBiO(model, "classification", AlgoConfig(inner="2", inner_steps=5))
+        >>> learner.config.l2, len(learner.outer_parameters())  # the head init is not learned
+        (0.01, 2)
+        >>> opt = torch.optim.SGD(learner.outer_parameters(), lr=0.1)
+        >>> y = torch.arange(3).repeat(2)
+        >>> ep = Episode(torch.randn(6, 4, dtype=torch.float64), y, torch.randn(6, 4, dtype=torch.float64), y)
+        >>> stats = learner.meta_gradient([ep])
+        >>> opt.step()
+        >>> round(stats.loss, 2), model[2].weight.grad is None
+        (1.12, True)
+    """
 
     name = "itd-bio"
     learns_inner_init = False

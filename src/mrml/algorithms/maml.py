@@ -89,8 +89,28 @@ class Unrolled(MetaAlgorithm):
 
 
 class MAML(Unrolled):
-    """Second-order MAML: every parameter adapted (inner "all", no regulariser), init learned.
-    `config.first_order=True` gives FOMAML. Test-time adaptation: the training inner loop."""
+    """Second-order MAML: every parameter adapts (inner "all", no regulariser) by K gradient steps
+    from the learned init, and the query loss is backpropagated through all of them (memory linear
+    in K). `config.first_order=True` gives FOMAML. Test-time adaptation: the training inner loop.
+
+    Args:
+        model, loss, config, trunk, inner_loss: as for `MetaAlgorithm`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mrml import MAML, AlgoConfig, Episode
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+        >>> learner = MAML(model, "classification", AlgoConfig(inner_steps=3))
+        >>> opt = torch.optim.Adam(learner.outer_parameters(), lr=1e-3)
+        >>> y = torch.arange(3).repeat(2)
+        >>> ep = Episode(torch.randn(6, 4, dtype=torch.float64), y, torch.randn(6, 4, dtype=torch.float64), y)
+        >>> stats = learner.meta_gradient([ep])
+        >>> opt.step()
+        >>> round(stats.loss, 2), learner.adapt(ep).shape
+        (1.12, torch.Size([6, 3]))
+    """
 
     name = "maml"
     learns_inner_init = True
@@ -99,8 +119,29 @@ class MAML(Unrolled):
 
 
 class FOMAML(MAML):
-    """First-order MAML: the query gradient at the adapted parameters, applied to the init.
-    Test-time adaptation: the training inner loop."""
+    """First-order MAML: the K inner gradients are constants, so the init receives the query
+    gradient at the adapted parameters (no second-order terms, memory independent of K); the same
+    as `MAML` with `config.first_order=True`. Test-time adaptation: the training inner loop.
+
+    Args:
+        model, loss, config, trunk, inner_loss: as for `MetaAlgorithm`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mrml import FOMAML, AlgoConfig, Episode
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+        >>> from mrml import MAML
+        >>> learner = FOMAML(model, "classification", AlgoConfig(inner_steps=3))
+        >>> y = torch.arange(3).repeat(2)
+        >>> ep = Episode(torch.randn(6, 4, dtype=torch.float64), y, torch.randn(6, 4, dtype=torch.float64), y)
+        >>> _ = learner.meta_gradient([ep])
+        >>> grad = model[0].weight.grad.clone()
+        >>> _ = MAML(model, "classification", AlgoConfig(inner_steps=3, first_order=True)).meta_gradient([ep])
+        >>> torch.equal(grad, model[0].weight.grad)
+        True
+    """
 
     name = "fomaml"
     force_first_order = True

@@ -32,7 +32,30 @@ def prototype_logits(fs: torch.Tensor, ys: torch.Tensor, fq: torch.Tensor) -> to
 
 
 class ProtoNet(MetaAlgorithm):
-    """Prototypes on the backbone features; the head is unused."""
+    """Prototypical networks: each class's prototype is the mean backbone feature of its support
+    examples, a query's logits are minus its squared distances to them; the query cross-entropy is
+    backpropagated to the backbone. No inner loop; the head (the inner spec) is unused.
+
+    Args:
+        model, loss, config, trunk: as for `MetaAlgorithm` (classification only; no `inner_loss`).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mrml import ProtoNet, AlgoConfig, Episode
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+        >>> learner = ProtoNet(model, "classification", AlgoConfig(inner="2"))  # backbone: model[:2]
+        >>> len(learner.outer_parameters()), learner.adapted_parameters(None)
+        (2, {})
+        >>> opt = torch.optim.SGD(learner.outer_parameters(), lr=0.1)
+        >>> y = torch.arange(3).repeat(2)
+        >>> ep = Episode(torch.randn(6, 4, dtype=torch.float64), y, torch.randn(6, 4, dtype=torch.float64), y)
+        >>> stats = learner.meta_gradient([ep])
+        >>> opt.step()
+        >>> round(stats.loss, 2), learner.adapt(ep).shape
+        (1.23, torch.Size([6, 3]))
+    """
 
     name = "protonet"
     learns_inner_init = False

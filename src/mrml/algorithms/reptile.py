@@ -31,7 +31,28 @@ def _concat(a: Any, b: Any) -> Any:
 
 
 class Reptile(Unrolled):
-    """init - adapted as meta-gradient; test-time adaptation = training inner loop on the support set."""
+    """Reptile: K plain gradient steps (no graph) on the task's support and query sets; the
+    meta-gradient is init - adapted, so an outer SGD step of size eps moves the init eps of the way
+    toward the adapted parameters. Test-time adaptation: the training inner loop on the support set.
+
+    Args:
+        model, loss, config, trunk, inner_loss: as for `MetaAlgorithm`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mrml import Reptile, AlgoConfig, Episode
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+        >>> learner = Reptile(model, "classification", AlgoConfig(inner_steps=3))
+        >>> opt = torch.optim.SGD(learner.outer_parameters(), lr=1.0)  # eps = 1: onto the adapted init
+        >>> y = torch.arange(3).repeat(2)
+        >>> ep = Episode(torch.randn(6, 4, dtype=torch.float64), y, torch.randn(6, 4, dtype=torch.float64), y)
+        >>> stats = learner.meta_gradient([ep])
+        >>> opt.step()
+        >>> round(stats.loss, 2), stats.extra
+        (1.07, {})
+    """
 
     name = "reptile"
     learns_inner_init = True
