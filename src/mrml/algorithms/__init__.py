@@ -23,14 +23,57 @@ ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
 
 
 def register_algorithm(cls: type[MetaAlgorithm]) -> type[MetaAlgorithm]:
+    """Register `cls` under `cls.name` for `build_algorithm` (a class decorator; a name already
+    taken is replaced).
+
+    Args:
+        cls: a `MetaAlgorithm` subclass with its own `name`.
+
+    Returns:
+        `cls` itself.
+
+    Example:
+        >>> @register_algorithm
+        ... class SlowMRML(MRML):
+        ...     name = "slow-mrml"
+        ...     default_l2 = 1.0
+        >>> from torch import nn
+        >>> learner = build_algorithm("slow-mrml", nn.Sequential(nn.Linear(4, 3)), "classification",
+        ...                           AlgoConfig(inner="0"))
+        >>> type(learner).__name__, learner.config.l2
+        ('SlowMRML', 1.0)
+        >>> del ALGORITHMS["slow-mrml"]  # unregister
+    """
     ALGORITHMS[cls.name] = cls
     return cls
 
 
 def build_algorithm(name: str, model: nn.Module, loss: TaskLoss | str | Callable, config: AlgoConfig | None = None,
                     **kwargs: Any) -> MetaAlgorithm:
-    """The algorithm `name` over `model`; `kwargs` (`trunk=`, `inner_loss=`) go to its constructor
-    (see `MetaAlgorithm`). Raises UsageError for an unknown name."""
+    """The algorithm registered as `name` (`ALGORITHMS`), built over `model`.
+
+    Args:
+        name: mrml, maml, fomaml, anil, itd-bio, imaml, reptile, protonet, or a registered name.
+        model, loss, config: as for `MetaAlgorithm`.
+        **kwargs: further constructor arguments (`trunk=`, `inner_loss=`; see `MetaAlgorithm`).
+
+    Returns:
+        The `MetaAlgorithm` instance.
+
+    Raises:
+        UsageError: an unknown name (or what the constructor raises).
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> learner = build_algorithm("anil", model, "classification", trunk="0")
+        >>> type(learner).__name__, learner.config.inner
+        ('ANIL', '2.weight,2.bias')
+        >>> build_algorithm("mamll", model, "classification")
+        Traceback (most recent call last):
+        ...
+        mrml.errors.UsageError: unknown algorithm 'mamll': expected one of anil, fomaml, imaml, itd-bio, maml, mrml, protonet, reptile
+    """
     if name not in ALGORITHMS:
         raise UsageError(f"unknown algorithm {name!r}: expected one of {', '.join(sorted(ALGORITHMS))}")
     return ALGORITHMS[name](model, loss, config, **kwargs)

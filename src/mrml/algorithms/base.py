@@ -31,7 +31,20 @@ from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
 
 @dataclass
 class StepStats:
-    """Averages over the tasks of one meta-step."""
+    """Averages over the tasks of one meta-step (what `meta_gradient` and `evaluate` return).
+
+    Attributes:
+        loss: the query loss f (before the outer step).
+        accuracy: query accuracy, or None where the loss has none (regression, a custom loss on
+            other than (n, C) logits and integer labels).
+        extra: algorithm-specific figures by name (solver iterations, residuals, inner step size,
+            a learned lambda); empty where there are none.
+
+    Example:
+        >>> s = StepStats(0.5, None, {"cg_iterations": 3.0})
+        >>> s.loss, s.accuracy, sorted(s.extra)
+        (0.5, None, ['cg_iterations'])
+    """
 
     loss: float
     accuracy: float | None
@@ -39,6 +52,20 @@ class StepStats:
 
 
 def mean_stats(per_task: list[StepStats]) -> StepStats:
+    """The mean of per-task statistics.
+
+    Args:
+        per_task: one `StepStats` per task (at least one).
+
+    Returns:
+        Mean loss; mean accuracy over the tasks that report one (None if none does); each `extra`
+        key's sum over all tasks divided by their number (a task lacking the key counts 0).
+
+    Example:
+        >>> s = mean_stats([StepStats(1.0, 0.5, {"a": 2.0}), StepStats(3.0, None, {"b": 4.0})])
+        >>> s.loss, s.accuracy, s.extra
+        (2.0, 0.5, {'a': 1.0, 'b': 2.0})
+    """
     n = len(per_task)
     acc = [s.accuracy for s in per_task if s.accuracy is not None]
     keys = {k for s in per_task for k in s.extra}
@@ -384,12 +411,52 @@ class MetaAlgorithm(abc.ABC):
 
     def adapt(self, ep: Episode) -> torch.Tensor:
         """Query predictions after test-time adaptation: trunk frozen, inner part adapted on the
-        support set as `adapted_parameters` does."""
+        support set as `adapted_parameters` does. Leaves `.grad` untouched.
+
+        Args:
+            ep: the task: the inner part adapts on its support set, and predicts its query inputs.
+
+        Returns:
+            The model's output on `ep.query_x` (e.g. (n_query, C) logits), without graph.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from mrml import MAML, AlgoConfig, Episode
+            >>> _ = torch.manual_seed(0)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            >>> learner = MAML(model, "classification", AlgoConfig(inner_steps=2))
+            >>> ep = Episode(torch.randn(6, 4), torch.arange(3).repeat(2), torch.randn(9, 4), torch.arange(3).repeat(3))
+            >>> pred = learner.adapt(ep)
+            >>> pred.shape, pred.requires_grad, torch.equal(pred, learner.adapt(ep))
+            (torch.Size([9, 3]), False, True)
+        """
         xa, y, fq = self._test_time(ep, query=True)
         with torch.no_grad():
             return self.split.predict({**xa, **y}, fq)
 
     def evaluate(self, ep: Episode) -> StepStats:
+        """Query loss and accuracy after test-time adaptation (`adapt`) on one task.
+
+        Args:
+            ep: the task (a held-out one for meta-testing).
+
+        Returns:
+            `StepStats` with the query loss and accuracy (None where the loss has none); `extra` empty.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from mrml import MRML, AlgoConfig, Episode
+            >>> _ = torch.manual_seed(0)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+            >>> learner = MRML(model, "classification", AlgoConfig(inner="2"))
+            >>> y = torch.arange(3).repeat(2)
+            >>> ep = Episode(torch.randn(6, 4, dtype=torch.float64), y, torch.randn(6, 4, dtype=torch.float64), y)
+            >>> stats = learner.evaluate(ep)
+            >>> round(stats.loss, 2), round(stats.accuracy, 2), stats.extra
+            (1.26, 0.17, {})
+        """
         pred = self.adapt(ep)
         return StepStats(float(self.loss(pred, ep.query_y)), self.loss.accuracy(pred, ep.query_y))
 
