@@ -86,6 +86,21 @@ class LoadedRun:
         input_shape: (C, H, W) of the images the model takes (features for regression).
         spec: backbone, width, kind, input_shape, outputs: what `mrml.models.build_model` needs.
         iteration: the optimizer steps the weights hold.
+        run_dir: the run folder it was loaded from.
+        device, dtype: where and in what floating-point type the model runs.
+
+    Example:
+        >>> import io, tempfile, mrml
+        >>> from mrml.config import RunConfig
+        >>> from mrml.train import train
+        >>> out = tempfile.mkdtemp()
+        >>> _ = train(RunConfig.resolve({"dataset": "sinusoid", "ways": 1, "iterations": 1, "width": 8, "meta_batch": 1,
+        ...     "val_episodes": 1, "test_episodes": 2, "device": "cpu", "out": out}), progress=False, stream=io.StringIO())
+        >>> run = mrml.load_run(out)
+        >>> run.kind, run.learner.model is run.model, str(run.device), run.dtype
+        ('regression', True, 'cpu', torch.float32)
+        >>> round(run.learned_l2, 2)  # mrml learns lambda from 0.1 by default
+        0.1
     """
 
     model: nn.Module

@@ -24,8 +24,21 @@ class AlgoConfig:
     solver newton). A value out of its range or choices raises a one-line `mrml.errors.UsageError`.
     `mrml.settings.help_of(AlgoConfig, name)` is a field's documentation (also its `--help` line).
 
+    Attributes (grouped; each field's help text, in its metadata, says the rest):
+        inner, inner_steps, inner_solver, inner_tol, inner_lr, plain_inner: the inner part y and how
+            it is fitted (K steps at alpha, or an exact solve to a tolerance).
+        l2, learn_l2, prox: the inner-loss strength lambda (learned or fixed) and its centre.
+        implicit, cg_steps, cg_tol, warm_start: the linear system of the implicit hypergradient.
+        first_order, recompute_features: forms of the unrolled baselines / the paper-faithful trunk.
+        test_steps, test_lr: test-time head adaptation.
+        task_chunk, amp, compile: speed (mrml's task-batched path).
+        extra: algorithm-specific settings by name (Python API only).
+
     Example:
         >>> from mrml.errors import UsageError
+        >>> from mrml.settings import help_of
+        >>> help_of(AlgoConfig, "cg_steps")
+        'conjugate-gradient iterations N'
         >>> AlgoConfig(inner_steps=5, l2=0.5).inner_steps
         5
         >>> try:

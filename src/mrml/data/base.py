@@ -29,6 +29,12 @@ class Episode:
     `mrml.pytree`), examples along dim 0. Targets `support_y`/`query_y` are tensors: class indices
     for classification, values for regression, whatever a custom loss takes.
 
+    Args:
+        support_x: support inputs (fit the inner variable), examples along dim 0.
+        support_y: support targets, one per support example.
+        query_x: query inputs (the outer loss is measured on them).
+        query_y: query targets, one per query example.
+
     Example:
         >>> import torch
         >>> ids = torch.zeros(4, 7, dtype=torch.long)
