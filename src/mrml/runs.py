@@ -94,8 +94,9 @@ class LoadedRun:
         >>> from mrml.config import RunConfig
         >>> from mrml.train import train
         >>> out = tempfile.mkdtemp()
-        >>> _ = train(RunConfig.resolve({"dataset": "sinusoid", "ways": 1, "iterations": 1, "width": 8, "meta_batch": 1,
-        ...     "val_episodes": 1, "test_episodes": 2, "device": "cpu", "out": out}), progress=False, stream=io.StringIO())
+        >>> settings = {"dataset": "sinusoid", "ways": 1, "iterations": 1, "width": 8, "meta_batch": 1,
+        ...             "val_episodes": 1, "test_episodes": 2, "device": "cpu", "out": out}
+        >>> _ = train(RunConfig.resolve(settings), progress=False, stream=io.StringIO())
         >>> run = mrml.load_run(out)
         >>> run.kind, run.learner.model is run.model, str(run.device), run.dtype
         ('regression', True, 'cpu', torch.float32)

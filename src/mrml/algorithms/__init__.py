@@ -69,10 +69,10 @@ def build_algorithm(name: str, model: nn.Module, loss: TaskLoss | str | Callable
         >>> learner = build_algorithm("anil", model, "classification", trunk="0")
         >>> type(learner).__name__, learner.config.inner
         ('ANIL', '2.weight,2.bias')
-        >>> build_algorithm("mamll", model, "classification")
+        >>> build_algorithm("mamll", model, "classification")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        mrml.errors.UsageError: unknown algorithm 'mamll': expected one of anil, fomaml, imaml, itd-bio, maml, mrml, protonet, reptile
+        mrml.errors.UsageError: unknown algorithm 'mamll': expected one of anil, fomaml, imaml, itd-bio, maml, ...
     """
     if name not in ALGORITHMS:
         raise UsageError(f"unknown algorithm {name!r}: expected one of {', '.join(sorted(ALGORITHMS))}")

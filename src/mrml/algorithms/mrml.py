@@ -118,7 +118,7 @@ class MRML(MetaAlgorithm):
             episodes, task_ids, scale, accumulate: as for `MetaAlgorithm.meta_gradient`.
 
         Returns:
-            `StepStats` averaged over the tasks: query loss and accuracy before the step, and in
+            `StepStats` averaged over the tasks: query loss and accuracy at the solved inner part, and in
             `extra` the solver figures (cg_iterations, cg_residual, inner_grad_norm, inner_lr, ...;
             l2 when learned).
 
