@@ -186,6 +186,7 @@ def test_bench_reuses_the_train_declarations():
 def test_no_algo_setting_is_declared_twice():
     """Besides algo_config.py, no file declares an AlgoConfig field as an option, a help entry or a range."""
     names = [f.name for f in cli_settings(AlgoConfig)]
+    types = {f.name: str(f.type) for f in cli_settings(AlgoConfig)}  # a field of the same name and type
     files = [p for p in (ROOT / "src" / "mrml").rglob("*.py") if p.name != "algo_config.py"]
     files.append(ROOT / "benchmarks" / "speed.py")
     exempt: set[tuple[str, str]] = set()
@@ -196,7 +197,7 @@ def test_no_algo_setting_is_declared_twice():
             # an option (unless its help reuses the declaration: help_of), a range, a help table entry, a dataclass field
             patterns = [rf"add_argument\(\s*['\"]{re.escape(opt)}['\"](?![^\n]*help_of\()", rf"Range\(\s*['\"]{n}['\"]",
                         rf"['\"]{n}['\"]\s*:\s*\(\s*(int|float|str)\b",
-                        rf"^    {n}\s*:\s*[^=\n]+=(?!\s*like\()"]
+                        rf"^    {n}\s*:\s*{re.escape(types[n])}\s*=(?!\s*like\()"]
             for pat in patterns:
                 m = re.search(pat, text, flags=re.M)
                 if m and (path.name, opt) not in exempt:

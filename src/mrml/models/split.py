@@ -74,9 +74,10 @@ def resolve_inner(model: nn.Module, spec: str, hint: str | None = None) -> list[
         prefixes = [p.strip() for p in spec.split(",") if p.strip()]
     chosen = [n for n in names if any(n == p or n.startswith(p + ".") or p == "" for p in prefixes)]
     if not chosen:
+        suggestion = (hint or names[-1]).rsplit(".", 1)[0]  # by default the last layer: usually the head
         raise UsageError(
-            f"inner part {spec!r} names no parameter: use head, last-block, all, or name prefixes "
-            f"such as {(hint or names[0]).rsplit('.', 1)[0]!r}"
+            f"inner part {spec!r} names no parameter: use last-block, all, or name prefixes "
+            f"such as {suggestion!r}" + ("" if hint else " (the model's last layer)")
         )
     return chosen
 
