@@ -326,3 +326,15 @@ def test_dict_inputs_per_task_and_batched_agree():
         out.append((flatten({n: p.grad for n, p in model.named_parameters()}), stats.loss))
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-8, atol=1e-11)  # CG stops near 1e-13: rounding
     assert out[1][1] == pytest.approx(out[0][1], rel=1e-12) and float(out[0][0].norm()) > 1e-3
+
+
+def test_a_solve_callable_is_refused_for_stacked_tasks():
+    """One callable solve over (T, n) rows would couple the tasks' CG steps: refused, not silently wrong."""
+    g = lambda x, y, a: 0.5 * ((y["w"] - x["s"] * a) ** 2).sum(-1) + 0.5 * (y["w"] ** 2).sum(-1)  # noqa: E731
+    f = lambda x, y, b: 0.5 * ((y["w"] - b) ** 2).sum(-1)  # noqa: E731
+    x = {"s": torch.tensor(2.0, dtype=torch.float64, requires_grad=True)}
+    a = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(UsageError, match="batched=True use implicit='cg'"):
+        hypergradient(g, f, x, {"w": a}, inner_batch=a, outer_batch=a, implicit=cg_solver(), batched=True)
+    grads, info = hypergradient(g, f, x, {"w": x["s"].detach() * a / 2}, inner_batch=a, outer_batch=a, batched=True)
+    assert info.solve.converged and grads["s"].shape == ()

@@ -3,6 +3,7 @@ callable, nested (dict) inputs, `adapted_parameters` and `meta_gradient(accumula
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -393,3 +394,71 @@ def test_task_batched_path_refuses_an_explicit_trunk():
     with pytest.raises(UsageError, match="trunk="):
         MRML(CNN(), "classification", AlgoConfig(inner="classifier", task_chunk=2, inner_solver="gd", implicit="cg",
                                                  learn_l2=False), trunk="features")
+
+
+class _FlattenNet(nn.Module):
+    """A forward that reshapes the trunk's output before the classifier: not a bare linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1))
+        self.classifier = nn.Linear(4, WAYS)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+def test_a_forward_that_reshapes_the_features_is_not_taken_for_a_bare_linear_head():
+    torch.manual_seed(0)
+    labels = torch.arange(WAYS)
+    ep = Episode(torch.randn(2 * WAYS, 1, 8, 8, dtype=torch.float64), labels.repeat(2),
+                 torch.randn(2 * WAYS, 1, 8, 8, dtype=torch.float64), labels.repeat(2))
+    model = _FlattenNet().double()
+    learner = MRML(model, "classification", AlgoConfig(inner="classifier"), trunk="features")
+    assert learner.head is None  # the general path: the flatten stays in the adapted part
+    stats = learner.meta_gradient([ep])
+    assert math.isfinite(stats.loss)
+    pred = learner.adapt(ep)
+    adapted = learner.adapted_parameters(ep)
+    params = {**dict(model.named_parameters()), **adapted}
+    assert torch.allclose(pred, functional_call(model, params, (ep.query_x,)))
+
+
+class _DictEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(2, 8)
+
+    def forward(self, d):
+        return torch.tanh(self.a(d["a"]) + self.b(d["b"]))
+
+
+class _DictNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = _DictEncoder(), nn.Linear(8, WAYS)
+
+    def forward(self, d):
+        return self.head(self.enc(d))
+
+    def stages(self):
+        return [("enc", self.enc), ("head", self.head)]
+
+
+def test_dict_inputs_through_a_trunk_per_task_and_task_batched_agree():
+    torch.manual_seed(0)
+
+    def batch(n):
+        return {"a": torch.randn(n, 4, dtype=torch.float64), "b": torch.randn(n, 2, dtype=torch.float64)}
+
+    labels = torch.arange(WAYS).repeat(2)
+    eps = [Episode(batch(2 * WAYS), labels, batch(2 * WAYS), labels) for _ in range(3)]
+    models = [_DictNet().double() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    out = []
+    for chunk, model in zip((1, 3), models):
+        cfg = AlgoConfig(inner="head", inner_solver="gd", implicit="cg", learn_l2=False, task_chunk=chunk)
+        MRML(model, "classification", cfg).meta_gradient(eps)
+        out.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
+    assert out[0].abs().sum() > 0
+    assert torch.allclose(out[0], out[1], rtol=1e-10, atol=1e-12)

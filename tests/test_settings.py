@@ -68,6 +68,7 @@ def one_line(exc: pytest.ExceptionInfo, *needles: str) -> None:
     ({"test_lr": float("inf")}, ["--test-lr"]),
     ({"learn_l2": "yes"}, ["learn_l2 must be a bool"]),
     ({"inner": 3}, ["inner must be a str"]),
+    ({"extra": None}, ["extra must be a dict", "NoneType"]),
 ])
 def test_algo_config_refuses_bad_values_in_one_line(kwargs, needles):
     with pytest.raises(UsageError) as e:

@@ -404,6 +404,9 @@ def hypergradient(g: Objective, f: Callable[[Params, Params, Any], Any], x: Para
     if not yd:
         raise UsageError("y must be a non-empty dict of tensors (the inner solution)")
     _check_implicit(implicit, damping, lr, steps)
+    if batched and callable(implicit):
+        raise UsageError("a solve(matvec, b) callable would solve the stacked tasks as one system: with batched=True "
+                         "use implicit='cg' (one solve per task), or call hypergradient per task")
     x_d, inner_d, outer_d = _detached(x), detach(inner_batch), detach(outer_batch)
     rhs = outer_gradient(f, x_d, yd, outer_d, batched=batched, has_aux=has_aux)
     if isinstance(v0, dict):

@@ -202,7 +202,8 @@ def _build(cfg: Any, spec: dict[str, Any], ways: int, state: dict[str, Any], pat
     from .train import build_run, restore
 
     shapes = _Shapes(spec["kind"], tuple(spec["input_shape"]), spec["outputs"], cfg.ways)
-    with torch.random.fork_rng(devices=[]):  # build_run seeds torch: leave the caller's (CPU) generator as it was
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):  # build_run seeds torch: leave the caller's generators as they were
         run = build_run(replace(cfg, ways=ways, threads=None), source=shapes)  # threads: the caller decides
     saved = state["model"] if ways == cfg.ways else _refit_head(run, state["model"], ways, cfg, path)
     restore(run, {**state, "model": saved}, path, optimizer=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..errors import UsageError
 from ..settings import check_settings, setting
 from ..validation import LR_MAX, floats, ints
 
@@ -93,11 +94,14 @@ class AlgoConfig:
                                     default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_settings(self)
+        self.validate()
 
     def validate(self) -> None:
         """Check the settings again (after fields were assigned); one-line UsageError for the first bad one."""
         check_settings(self)
+        if not isinstance(self.extra, dict):
+            raise UsageError(f"extra must be a dict of options (got {type(self.extra).__name__}): use extra={{}} or "
+                             "drop it")
 
     @property
     def batched(self) -> bool:

@@ -149,15 +149,15 @@ class BatchedTrunk:
             except Exception as e:  # e.g. an unsupported platform
                 warnings.warn(f"torch.compile unavailable ({_first_line(e)}); running the trunk eagerly", stacklevel=3)
 
-    def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        with autocast(x.device, self.amp):
-            if self.grouped is not None:
+    def forward(self, params: Params, x: Any) -> torch.Tensor:
+        with autocast(pytree.leaves(x)[0].device, self.amp):
+            if self.grouped is not None and isinstance(x, torch.Tensor):  # nested inputs: vmap below
                 C, N = x.shape[:2]
                 flat_x = x.transpose(0, 1).reshape(N * C, *x.shape[2:])  # image-major
                 out = self.grouped(flat_x)
                 return out.reshape(N, C, *out.shape[1:]).transpose(0, 1)
 
-            def one(xc: torch.Tensor) -> torch.Tensor:
+            def one(xc: Any) -> torch.Tensor:
                 return functional_call(self.trunk, params, (xc,), strict=False)
 
             return vmap(one, randomness="different")(x)
@@ -168,14 +168,15 @@ class BatchedTrunk:
                 if not isinstance(m, TaskBatchNorm):
                     m.training = o.training
 
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def __call__(self, x: Any, dtype: torch.dtype) -> Any:
+        """The trunk on x: (C, N, ...) stacked tasks, a tensor or a dict/list/tuple of them."""
         if self.empty:
             return x
         params = dict(self.trunk.named_parameters())
-        self.ctx.groups = x.shape[0]
+        self.ctx.groups = pytree.leading_size(x)
         self._sync_modes()
         if self.compiled is not None:
-            key = (tuple(x.shape), x.dtype, x.device, torch.is_grad_enabled())
+            key = (tuple((tuple(t.shape), t.dtype, t.device) for t in pytree.leaves(x)), torch.is_grad_enabled())
             if key not in self.checked:
                 try:  # compile forward and backward now, so a failure cannot strike mid-step
                     out = self.compiled(params, x)

@@ -264,8 +264,11 @@ def _linear_of(model: nn.Module, inner: list[str]) -> nn.Linear | None:
 
 def _applies_linear(model: nn.Module, path: str, linear: nn.Linear) -> bool:
     """Whether the model's output is `linear` applied directly to the trunk's output (a probe on
-    zero features, buffers copied so that batch-norm statistics are left alone)."""
-    probe = torch.zeros(2, linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
+    zero features, buffers copied so that batch-norm statistics are left alone). The probe is 3-D,
+    (2, 1, in_features): a forward that reshapes the features (`flatten(1)`, `view`, `squeeze`) hands
+    the linear a new tensor and is refused even where that reshape would be a no-op on 2-D features,
+    so the closed forms are used only when the trunk's output reaches the linear untouched."""
+    probe = torch.zeros(2, 1, linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
     seen: list[tuple[Any, Any]] = []
     hook = linear.register_forward_hook(lambda m, args, out: seen.append((args[0] if args else None, out)))
     rest = Rest(model, path)
