@@ -65,7 +65,8 @@ def unflatten(v: torch.Tensor, like: Params, batched: bool = False) -> Params:
     return out
 
 
-def _detached(ps: Params, requires_grad: bool = False) -> Params:
+def detached(ps: Params, requires_grad: bool = False) -> Params:
+    """A dict of tensors detached (leaves that require grad when asked)."""
     return {k: v.detach().requires_grad_(requires_grad) for k, v in ps.items()}
 
 
@@ -79,7 +80,7 @@ def _grads(value: torch.Tensor, ys: Params, batched: bool, create_graph: bool = 
 def inner_value_and_grad(g: Objective, x: Params, batch: Any, batched: bool = False) -> ValueAndGrad:
     """y -> (g(x, y, batch) detached, d_y g as a tuple in y's order), no graph kept."""
     def value_and_grad(y: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        yr = _detached(y, requires_grad=True)
+        yr = detached(y, requires_grad=True)
         with torch.enable_grad():
             value = g(x, yr, batch)
             return value.detach(), _grads(value, yr, batched)
@@ -230,12 +231,12 @@ def solve_inner(g: Objective, x: Params, y0: Params, batch: Any, *, solver: str 
         raise UsageError(f"lr and tol must be > 0 (got lr={lr}, tol={tol})")
     if not y0:
         raise UsageError("y0 must be a non-empty dict of tensors (the inner variables)")
-    x, batch = _detached(x), detach(batch)
+    x, batch = detached(x), detach(batch)
     value_and_grad = inner_value_and_grad(g, x, batch, batched)
     if solver == "newton":
         if batched:
             raise UsageError("solver='newton' solves one task: call it per task, or use solver='gd' with batched=True")
-        like = _detached(y0)
+        like = detached(y0)
 
         def flat_value_and_grad(v: torch.Tensor, graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
             if not graph:
@@ -248,11 +249,11 @@ def solve_inner(g: Objective, x: Params, y0: Params, batch: Any, *, solver: str 
         return unflatten(v, like), InnerSolveInfo("newton", info.iterations, info.grad_norm, info.capped,
                                                   info.stalled, float(lr))
     if batched:
-        y, lr_t = descend_tasks(value_and_grad, _detached(y0), steps, lr, guard)
+        y, lr_t = descend_tasks(value_and_grad, detached(y0), steps, lr, guard)
         norms = flatten(dict(zip(y, value_and_grad(y)[1])), batched=True).norm(dim=1)
         return y, InnerSolveInfo("gd", steps, float(norms.max()), False, False, float(lr_t.min()),
                                  {"lr": lr_t, "grad_norm": norms})
-    y, lr_end = descend(value_and_grad, _detached(y0), steps, lr, guard)
+    y, lr_end = descend(value_and_grad, detached(y0), steps, lr, guard)
     norm = float(flatten(dict(zip(y, value_and_grad(y)[1]))).norm())
     return y, InnerSolveInfo("gd", steps, norm, False, False, lr_end)
 
@@ -262,7 +263,7 @@ def outer_gradient(f: Callable[[Params, Params, Any], Any], x: Params, y: Params
                    batched: bool = False, has_aux: bool = False) -> torch.Tensor:
     """d_y f(x, y, batch), flat ((T, n) rows when batched), detached; the right-hand side of the system.
     `has_aux`: f returns (value, aux) and aux is ignored here."""
-    yr = _detached(y, requires_grad=True)
+    yr = detached(y, requires_grad=True)
     with torch.enable_grad():
         value = f(x, yr, batch)
         value = value[0] if has_aux else value
@@ -274,7 +275,7 @@ def hessian_vector_product(g: Objective, x: Params, y: Params, batch: Any, *, ba
     """v -> (d2g/dy2) v at y on flat vectors ((T, n) rows when batched: each task's Hessian on its row).
     The graph of d_y g is built once here; each product is one backward pass through it (it lives as
     long as the returned function)."""
-    yr = _detached(y, requires_grad=True)
+    yr = detached(y, requires_grad=True)
     with torch.enable_grad():
         grads = _grads(g(x, yr, batch), yr, batched, create_graph=True)
     ys = list(yr.values())
@@ -331,7 +332,7 @@ def mixed_term(g: Objective, x: Params, y: Params, v: torch.Tensor, batch: Any, 
                ) -> torch.Tensor:
     """<d_y g(x, y, batch), v> with y and v constant and x, batch attached (one value per task when
     batched): its x-gradient is (d2g/dx dy) v."""
-    yr = _detached(y, requires_grad=True)
+    yr = detached(y, requires_grad=True)
     with torch.enable_grad():
         grads = _grads(g(x, yr, batch), yr, batched, create_graph=True)
         return (flatten(dict(zip(yr, grads)), batched) * v).sum(-1)
@@ -400,17 +401,17 @@ def hypergradient(g: Objective, f: Callable[[Params, Params, Any], Any], x: Para
         >>> grads["s"], info.solve.converged
         (tensor(1.5000, dtype=torch.float64), True)
     """
-    yd = _detached(y)
+    yd = detached(y)
     if not yd:
         raise UsageError("y must be a non-empty dict of tensors (the inner solution)")
     _check_implicit(implicit, damping, lr, steps)
     if batched and callable(implicit):
         raise UsageError("a solve(matvec, b) callable would solve the stacked tasks as one system: with batched=True "
                          "use implicit='cg' (one solve per task), or call hypergradient per task")
-    x_d, inner_d, outer_d = _detached(x), detach(inner_batch), detach(outer_batch)
+    x_d, inner_d, outer_d = detached(x), detach(inner_batch), detach(outer_batch)
     rhs = outer_gradient(f, x_d, yd, outer_d, batched=batched, has_aux=has_aux)
     if isinstance(v0, dict):
-        v0 = flatten(_detached(v0), batched)
+        v0 = flatten(detached(v0), batched)
     v, solve_info = implicit_solve(hessian_vector_product(g, x_d, yd, inner_d, batched=batched), rhs,
                                    implicit=implicit, cg_steps=cg_steps, cg_tol=cg_tol, v0=v0, damping=damping,
                                    lr=lr, steps=steps)

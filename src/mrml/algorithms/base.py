@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from .. import pytree
-from ..functional import MAX_HALVINGS, descend, guard_rtol  # noqa: F401 (re-exported)
+from .. import functional as fn
+from ..functional import MAX_HALVINGS, descend, detached, guard_rtol  # noqa: F401 (re-exported)
 from ..data.base import Episode
 from ..errors import UsageError
 from ..models.split import ModelSplit, Params, split_model
 from .algo_config import IMPLICIT_SYSTEMS, INNER_SOLVERS, AlgoConfig  # noqa: F401 (re-exported)
-from .inner import InnerInfo, newton_cg, newton_head
+from .inner import InnerInfo, newton_head
 from .linear_head import HeadLayout, LinearHeadLoss, closed_form_head
 from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
 
@@ -75,18 +76,6 @@ def mean_stats(per_task: list[StepStats]) -> StepStats:
 
 def flat(ts: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in ts])
-
-
-def unflat(v: torch.Tensor, like: Params) -> Params:
-    out, i = {}, 0
-    for k, t in like.items():
-        out[k] = v[i : i + t.numel()].view_as(t)
-        i += t.numel()
-    return out
-
-
-def detached(ps: Params, requires_grad: bool = False) -> Params:
-    return {k: v.detach().requires_grad_(requires_grad) for k, v in ps.items()}
 
 
 class MetaAlgorithm(abc.ABC):
@@ -254,44 +243,29 @@ class MetaAlgorithm(abc.ABC):
         return LinearHeadLoss.build(feats, labels, self.loss.kind, self.l2 if lam is None else lam,
                                     self.head.bias is not None, c)
 
-    def solve_inner(self, xa: Params, y0: Params, feats: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
+    def inner_objective(self, x: Params, y: Params, batch: tuple) -> torch.Tensor:
+        """g(x, y, batch) as the functional core takes it: batch = (support features, labels, centre or
+        None, lambda or None)."""
+        feats, labels, centre, lam = batch
+        return self.inner_loss(x, y, feats, labels, centre, lam)
+
+    def solve_inner(self, xa: Params, y0: Params, feats: Any, labels: torch.Tensor, steps: int, lr: float,
                     centre: Params | None) -> Params:
         """The inner solution from y0 by `config.inner_solver`, without graph: `gd` takes `steps` guarded
         gradient steps of size `lr`; `newton` solves to `config.inner_tol` with `steps` as the iteration
-        cap (closed-form Hessian for a linear head, Newton-CG otherwise). Statistics in `self.last_inner`."""
+        cap (closed-form Hessian for a linear head, Newton-CG otherwise: `mrml.functional.solve_inner`).
+        Statistics in `self.last_inner`, the final step size in `self.last_inner_lr`."""
         cfg = self.config
-        if cfg.inner_solver == "gd":
-            y = self.gradient_descent(xa, y0, feats, labels, steps, lr, centre)
-            _, grads = self._value_and_grad(xa, feats, labels, centre)(y)
-            self.last_inner = InnerInfo(steps, float(flat(grads).norm()), False)
-            return y
-        self.last_inner_lr = lr
-        if self.head is not None:
+        if cfg.inner_solver == "newton" and self.head is not None:
+            self.last_inner_lr = lr
             problem = self.head_loss(pytree.detach(feats), labels, centre)
             w, self.last_inner = newton_head(problem, self.head.matrix(detached(y0)), steps, cfg.inner_tol)
             return self.head.params(w)
-        like = detached(y0)
-        value_and_grad = self._value_and_grad(xa, feats, labels, centre)
-
-        def flat_value_and_grad(v: torch.Tensor, graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            if not graph:
-                g, grads = value_and_grad(unflat(v, like))
-                return g, flat(grads)
-            g = self.inner_loss(xa, unflat(v, like), feats, labels, centre)
-            return g, flat(torch.autograd.grad(g, v, create_graph=True))
-
-        v, self.last_inner = newton_cg(flat_value_and_grad, flat(like.values()), steps, cfg.inner_tol, cfg.cg_steps)
-        return unflat(v, like)
-
-    def _value_and_grad(self, xa: Params, feats: torch.Tensor, labels: torch.Tensor, centre: Params | None,
-                        ) -> Callable[[Params], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
-        def value_and_grad(y: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-            yr = detached(y, requires_grad=True)
-            with torch.enable_grad():
-                g = self.inner_loss(xa, yr, feats, labels, centre)
-                return g.detach(), torch.autograd.grad(g, list(yr.values()))
-
-        return value_and_grad
+        y, info = fn.solve_inner(self.inner_objective, xa, y0, (feats, labels, centre, None),
+                                 solver=cfg.inner_solver, steps=steps, lr=lr, tol=cfg.inner_tol,
+                                 guard=not cfg.plain_inner, cg_steps=cfg.cg_steps)
+        self.last_inner, self.last_inner_lr = info.as_inner_info(), info.lr
+        return y
 
     def centre(self, attached: bool) -> Params | None:
         if not self.prox:
@@ -303,7 +277,8 @@ class MetaAlgorithm(abc.ABC):
         self, xa: Params, y: Params, feats: torch.Tensor, labels: torch.Tensor, steps: int, lr: float, centre: Params | None
     ) -> Params:
         """K gradient steps on g in y without graph (see `descend` for the divergence guard)."""
-        return self.descend(self._value_and_grad(xa, feats, labels, centre), detached(y), steps, lr)
+        value_and_grad = fn.inner_value_and_grad(self.inner_objective, xa, (feats, labels, centre, None))
+        return self.descend(value_and_grad, detached(y), steps, lr)
 
     def descend(
         self, value_and_grad: Callable[[Params], tuple[torch.Tensor, tuple[torch.Tensor, ...]]], y: Params,
@@ -354,11 +329,17 @@ class MetaAlgorithm(abc.ABC):
             >>> torch.allclose(summed, model[0].weight.grad)
             True
         """
+        scale, ids = self.begin_step(episodes, task_ids, scale, accumulate)
+        return mean_stats([self.task_gradient(ep, scale, tid) for ep, tid in zip(episodes, ids)])
+
+    def begin_step(self, episodes: list[Episode], task_ids: list[Any] | None, scale: float | None,
+                   accumulate: bool) -> tuple[float, list[Any]]:
+        """What every `meta_gradient` path does first: `.grad` zeroed unless `accumulate`; returns the
+        per-task scale (1/len(episodes) unless given) and the task ids (None each unless given)."""
         if not accumulate:
             self.zero_grad()
         scale = 1.0 / len(episodes) if scale is None else scale
-        ids = task_ids if task_ids is not None else [None] * len(episodes)
-        return mean_stats([self.task_gradient(ep, scale, tid) for ep, tid in zip(episodes, ids)])
+        return scale, list(task_ids) if task_ids is not None else [None] * len(episodes)
 
     @abc.abstractmethod
     def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:

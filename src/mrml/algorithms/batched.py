@@ -57,7 +57,7 @@ from .. import pytree
 from ..data.base import Episode
 from ..models.split import Params, Stages
 from ..precision import amp_dtype, autocast
-from .base import AlgoConfig, StepStats, detached, mean_stats
+from .base import AlgoConfig, MetaAlgorithm, StepStats, detached, mean_stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from .mrml import MRML
@@ -240,13 +240,8 @@ class TaskBatched:
                 warnings.warn("the model has batch norm updating running statistics (per-task updates cannot be "
                               "batched): using the per-task loop", stacklevel=3)
                 self.warned = True
-            from .mrml import per_task_meta_gradient
-
-            return per_task_meta_gradient(algo, episodes, task_ids, scale, accumulate)
-        if not accumulate:
-            algo.zero_grad()
-        scale = 1.0 / len(episodes) if scale is None else scale
-        ids = task_ids if task_ids is not None else [None] * len(episodes)
+            return MetaAlgorithm.meta_gradient(algo, episodes, task_ids, scale, accumulate=accumulate)
+        scale, ids = algo.begin_step(episodes, task_ids, scale, accumulate)
         size = max(1, int(chunk if chunk is not None else algo.config.task_chunk))
         per_task: list[StepStats] = []
         for idx in chunks(episodes, size):

@@ -48,9 +48,7 @@ class TaskLoss:
     def accuracies(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
         """Fraction correct over the last batch dimension (one value per task when tasks are stacked
         in front); None for regression."""
-        if self.kind != "classification":
-            return None
-        return (pred.argmax(-1) == target).float().mean(-1)
+        return class_accuracies(pred, target) if self.kind == "classification" else None
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from ..errors import UsageError
 from ..implicit import CGInfo
 from ..models.split import Params
 from ..pytree import detach
-from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, mean_stats
+from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached
 from .linear_head import LinearHeadLoss
 
 
@@ -140,14 +140,9 @@ class MRML(MetaAlgorithm):
             from .batched import batched_meta_gradient
 
             return batched_meta_gradient(self, episodes, task_ids, scale, accumulate=accumulate)
-        return per_task_meta_gradient(self, episodes, task_ids, scale, accumulate)
+        return super().meta_gradient(episodes, task_ids, scale, accumulate=accumulate)
 
-    # -- g and f as the functional core takes them ------------------------------------------------
-    def inner_objective(self, x: Params, y: Params, batch: tuple) -> torch.Tensor:
-        """g(x, y, batch) with batch = (support features, labels, centre or None, lambda or None)."""
-        feats, labels, centre, lam = batch
-        return self.inner_loss(x, y, feats, labels, centre, lam)
-
+    # -- f as the functional core takes it (g: `MetaAlgorithm.inner_objective`) -------------------
     def outer_objective(self, x: Params, y: Params, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """(f(x, y, batch), predictions) with batch = (query features, labels)."""
         feats, labels = batch
@@ -155,19 +150,6 @@ class MRML(MetaAlgorithm):
         return self.loss(pred, labels), pred
 
     # -- Algorithm 1's steps: inner solve, rhs, linear system, mixed term -------------------------
-    def solve_inner(self, xa: Params, y0: Params, feats: Any, labels: torch.Tensor, steps: int, lr: float,
-                    centre: Params | None) -> Params:
-        """`MetaAlgorithm.solve_inner` by `mrml.functional.solve_inner` (the closed-form Newton solve of a
-        linear head stays the base one). Statistics in `self.last_inner`, step size in `self.last_inner_lr`."""
-        cfg = self.config
-        if cfg.inner_solver == "newton" and self.head is not None:
-            return super().solve_inner(xa, y0, feats, labels, steps, lr, centre)
-        y, info = fn.solve_inner(self.inner_objective, xa, y0, (feats, labels, centre, None),
-                                 solver=cfg.inner_solver, steps=steps, lr=lr, tol=cfg.inner_tol,
-                                 guard=not cfg.plain_inner, cg_steps=cfg.cg_steps)
-        self.last_inner, self.last_inner_lr = info.as_inner_info(), info.lr
-        return y
-
     def solve(self, xa: Params, y: Params, fs: Any, ys: torch.Tensor, rhs: torch.Tensor,
               centre: Params | None, v0: torch.Tensor | None = None) -> tuple[torch.Tensor, CGInfo]:
         """v for the surrogate by `config.implicit`, at y with x detached (see the module docstring)."""
@@ -239,9 +221,3 @@ class MRML(MetaAlgorithm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._warm = dict(state.get("warm", {}))
-
-
-def per_task_meta_gradient(algo: MetaAlgorithm, episodes: list[Episode], task_ids: list[Any] | None,
-                           scale: float | None, accumulate: bool) -> StepStats:
-    """`MetaAlgorithm.meta_gradient` task by task (the batched path's fallback as well)."""
-    return MetaAlgorithm.meta_gradient(algo, episodes, task_ids, scale, accumulate=accumulate)
