@@ -176,14 +176,17 @@ class LoadedRun:
         """
         from .data.arrays import conform
         from .evaluate import episode_scores, summarize
-        from .validation import EVAL_RANGES, Range, check_all
+        from .config import RunConfig
+        from .settings import field_of
+        from .validation import EVAL_RANGES, check_all
 
         cfg = self.config
         shape = argparse.Namespace(episodes=episodes, seed=seed, ways=cfg.ways if ways is None else ways,
                                    shots=cfg.shots if shots is None else shots,
                                    query=cfg.query if query is None else query)
         check_all(shape, EVAL_RANGES, {"episodes": "episodes", "seed": "seed"})
-        check_all(shape, [Range(n, int, 1, 10**5) for n in ("ways", "shots", "query")], {n: n for n in ("ways", "shots", "query")})
+        for n in ("ways", "shots", "query"):  # the ranges RunConfig declares, named as this method's arguments
+            field_of(RunConfig, n).metadata["range"].check(getattr(shape, n), n)
         if getattr(dataset, "kind", None) != self.kind:
             raise UsageError(f"{self.run_dir} is a {self.kind} run; dataset {getattr(dataset, 'name', dataset)!r} is "
                              f"{getattr(dataset, 'kind', 'not a task source')}: evaluate on a {self.kind} dataset")

@@ -12,20 +12,12 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import UsageError
-from .base import SPLITS, ArrayClassImages, ClassImages, FewShotDataset
+from .base import SPLITS, ArrayClassImages, ClassImages, FewShotDataset, resize
 
 #: the fewest images a class may have: one support and one query image
 MIN_PER_CLASS = 2
-
-
-def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """float (n, C, H, W) -> (n, C, *size), bilinear with antialiasing (unchanged when already that size)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:

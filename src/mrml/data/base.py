@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import pytree
 from ..errors import UsageError
@@ -95,6 +96,13 @@ def to_tensor(batch: np.ndarray, mean: Sequence[float] | None = None, std: Seque
         s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
         x = (x - m) / s
     return x
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """float (n, C, H, W) -> (n, C, *size), bilinear with antialiasing (unchanged when already that size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 class ArrayClassImages(ClassImages):

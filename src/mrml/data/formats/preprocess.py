@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..base import ClassImages, to_tensor
+from ..base import ClassImages, resize, to_tensor
 from .sources import RawClasses
 
 # per-channel statistics of the training images, the usual constants of each family
@@ -37,8 +37,7 @@ class Preprocess:
 
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         x = to_tensor(batch)
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        x = resize(x, (self.size, self.size))
         if self.augment:
             x = self._augment(x)
         if self.mean is not None:
