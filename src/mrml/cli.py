@@ -19,14 +19,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> list[str]:
-    """`mrml train`'s settings, made from their declarations (RunConfig and AlgoConfig fields); returns their names."""
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """`mrml train`'s settings, made from their declarations (RunConfig and AlgoConfig fields; names: `train_settings`)."""
     from .algorithms.algo_config import AlgoConfig
     from .config import RunConfig
     from .settings import add_options
 
-    names = add_options(p.add_argument_group("task source, model, outer loop and run"), RunConfig)
-    return names + add_options(p.add_argument_group("algorithm (AlgoConfig)"), AlgoConfig)
+    add_options(p.add_argument_group("task source, model, outer loop and run"), RunConfig)
+    add_options(p.add_argument_group("algorithm (AlgoConfig)"), AlgoConfig)
 
 
 def train_settings() -> list[str]:
