@@ -208,7 +208,10 @@ def test_regression_mlp_batched_equals_per_task():
     assert_grads_close(ref_model, model, 1e-10)
     assert s0.accuracy is None and s1.accuracy is None
     assert s1.loss == pytest.approx(s0.loss, rel=1e-10)
-    assert s1.extra["cg_iterations"] == s0.extra["cg_iterations"]
+    # CG stops at 1e-13, near float64's rounding floor: a task's count can differ by one between the
+    # batched and per-task recurrences on some CPUs (seen: mean 7.4 vs 7.2 over 5 tasks on an Intel Xeon).
+    # Exact counts are checked where the tolerance is far from the floor (test_batched_cg_rows_match_...).
+    assert abs(s1.extra["cg_iterations"] - s0.extra["cg_iterations"]) <= 1.0
 
 
 def test_batched_cg_rows_match_the_single_solver():
