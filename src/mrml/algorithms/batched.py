@@ -258,6 +258,8 @@ class TaskBatched:
 
         # trunk once per image set, with gradient, all tasks of the chunk at once
         fs, fq = self.trunk(sx, dtype), self.trunk(qx, dtype)
+        if algo.exact_head:  # the default form: the per-task loop's code on the chunk (exact_head)
+            return algo.exact_head_gradient(fs, fq, sy, qy, ids, scale)
         xa = split.adapt_outer()
         xa_d = detached(xa)
 

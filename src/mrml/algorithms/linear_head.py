@@ -148,13 +148,15 @@ class HeadLayout:
         self.order = names
 
     def matrix(self, y: Params) -> torch.Tensor:
+        """W = [weight | bias] (C x (d+1)); stacked heads (T, C, d+1) from stacked parameters."""
         w = y[self.weight]
-        return torch.cat([w, y[self.bias].unsqueeze(1)], dim=1) if self.bias is not None else w
+        return torch.cat([w, y[self.bias].unsqueeze(-1)], dim=-1) if self.bias is not None else w
 
     def params(self, w: torch.Tensor) -> Params:
-        out = {self.weight: w[:, : w.shape[1] - (self.bias is not None)]}
+        """The inner parameters of W (C x (d+1), or stacked (T, C, d+1))."""
+        out = {self.weight: w[..., : w.shape[-1] - (self.bias is not None)]}
         if self.bias is not None:
-            out[self.bias] = w[:, -1]
+            out[self.bias] = w[..., -1]
         return {k: out[k] for k in self.order}
 
     def to_flat(self, w: torch.Tensor) -> torch.Tensor:

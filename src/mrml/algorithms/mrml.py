@@ -53,6 +53,7 @@ from ..implicit import CGInfo
 from ..models.split import Params
 from ..pytree import detach
 from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached
+from .exact_head import head_step, step_records
 from .linear_head import LinearHeadLoss
 
 
@@ -189,9 +190,40 @@ class MRML(MetaAlgorithm):
             return self.head_loss(fs, ys, centre, lam).grad_dot(w, self.head.from_flat(v, w))
         return fn.mixed_term(self.inner_objective, xa, y, v, (fs, ys, centre, lam))
 
+    @property
+    def exact_head(self) -> bool:
+        """Whether the default form's closed forms run: a linear head solved by Newton (`exact_head`)."""
+        return self.head is not None and self.config.inner_solver == "newton"
+
+    def warm_heads(self, ids: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The heads to start from (T, C, d+1) -- a task's last solution under `warm_start`, else the
+        inner init -- and the warm starts of V (None when no task has one)."""
+        cfg, init = self.config, self.head.matrix(detached(self.split.inner_init()))
+        warm = [self._warm.get(t) if (cfg.warm_start and t is not None) else None for t in ids]
+        w0 = torch.stack([self.head.matrix(w[0]) if w is not None else init for w in warm])
+        if all(w is None for w in warm):
+            return w0, None
+        return w0, torch.stack([self.head.from_flat(w[1], init) if w is not None else torch.zeros_like(init)
+                                for w in warm])
+
+    def exact_head_gradient(self, fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor, qy: torch.Tensor,
+                            ids: list[Any], scale: float) -> list[StepStats]:
+        """The default form on T stacked tasks (`exact_head.head_step`): the per-task loop calls it with
+        T = 1, the task-batched path with a chunk; statistics from one host read."""
+        w0, v0 = self.warm_heads(ids)
+        step = head_step(self, fs, fq, sy, qy, w0, scale, v0)
+        if self.config.warm_start:
+            for c, t in enumerate(ids):
+                if t is not None:
+                    self._warm[t] = (self.head.params(step.w[c].clone()), self.head.to_flat(step.v[c]).clone())
+        return [StepStats(loss, acc, extra) for loss, acc, extra in step_records(self, step, qy)]
+
     def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
         cfg, split = self.config, self.split
         fs, fq = split.features(ep.support_x), split.features(ep.query_x)  # with gradient, once
+        if self.exact_head:
+            return self.exact_head_gradient(fs.unsqueeze(0), fq.unsqueeze(0), ep.support_y.unsqueeze(0),
+                                            ep.query_y.unsqueeze(0), [task_id], scale)[0]
         xa = split.adapt_outer()
         xa_d, fs_d, fq_d = detached(xa), detach(fs), detach(fq)
         warm = self._warm.get(task_id) if (cfg.warm_start and task_id is not None) else None

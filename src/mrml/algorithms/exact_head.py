@@ -1,0 +1,130 @@
+"""mrml's default estimator on T stacked tasks: one code for the per-task loop (T = 1) and the chunks.
+
+Given the trunk features of T tasks with gradient (support fs, query fq: (T, n, ...)), the linear
+head's inner problem g_t(W) = loss(F~_t W') + (lam/2)||W - W0||^2 is solved on detached features by
+one masked Newton loop over the tasks (`mrml.solvers.head.newton_heads`), the implicit system
+H_t v_t = d_W f_t by the head's closed forms (`direct`: the cheapest of the dual, primal and
+Woodbury solves; or CG on the closed-form Hessian products), and the surrogate
+sum_t scale (f_t(W_t) - <d_W g_t(W_t), V_t>) is backpropagated once: W, V constant, the features,
+lambda (when learned) and a proximal centre attached. Nothing here reads a tensor on the host: the
+per-task statistics come back as one stacked tensor (`HeadStep.table`), read once by the caller.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..implicit import conjugate_gradient, neumann_series
+from ..solvers.head import HeadProblem, newton_heads
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .mrml import MRML
+
+#: the per-task statistics of one step, in the order of `HeadStep.table`'s rows
+STAT_KEYS = ("loss", "cg_iterations", "cg_residual", "nonpositive_curvature", "inner_iterations", "inner_grad_norm",
+             "inner_capped", "inner_stalled", "inner_floor")
+
+
+@dataclass
+class HeadStep:
+    """What `head_step` leaves besides `.grad`: the solved heads W (T, C, d+1), the system's solutions
+    V (same shape), the query predictions (T, n, C), and the statistics as one (len(STAT_KEYS), T)
+    tensor (no host read yet)."""
+
+    w: torch.Tensor
+    v: torch.Tensor
+    pred: torch.Tensor
+    table: torch.Tensor
+
+
+def stacked_centre(algo: "MRML", attached: bool, t: int) -> torch.Tensor | None:
+    """The proximal centre as a head matrix (T, C, d+1), or None without a proximal term."""
+    centre = algo.centre(attached)
+    if centre is None:
+        return None
+    w = algo.head.matrix(centre)
+    return w.unsqueeze(0).expand(t, *w.shape)
+
+
+def head_problem(algo: "MRML", feats: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | float,
+                 centre: torch.Tensor | None) -> HeadProblem:
+    return HeadProblem.build(feats, labels, algo.loss.kind, lam, algo.head.bias is not None, centre)
+
+
+def implicit_solution(algo: "MRML", problem: HeadProblem, w: torch.Tensor, b: torch.Tensor,
+                      v0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """V ~ H^{-1} B per task by `config.implicit`; returns (V, iterations, relative residual, bad) per task."""
+    cfg, t = algo.config, w.shape[0]
+    if cfg.implicit == "direct":
+        v = problem.solve(w, b)
+        resid = (problem.hvp(w, v) - b).norm(dim=(1, 2)) / b.norm(dim=(1, 2)).clamp_min(torch.finfo(b.dtype).tiny)
+        zero = torch.zeros(t, dtype=torch.long, device=w.device)
+        return v, zero, resid, zero.bool()
+    a = problem.weights(w)
+    shift = 0.0
+    if cfg.implicit == "damped":  # the ridge proxy of stopping after K steps (see mrml.py)
+        shift = max(0.0, 1.0 / (algo.last_inner_lr * max(cfg.inner_steps, 1)) - algo.l2)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        vm = v.reshape(w.shape)
+        return (problem.hvp(w, vm, a) + shift * vm).reshape(t, -1)
+
+    if cfg.implicit == "neumann":  # K gradient steps' inverse (the K-step object; see mrml.py)
+        v, info = neumann_series(matvec, b.reshape(t, -1), algo.last_inner_lr, cfg.inner_steps)
+    else:
+        x0 = v0.reshape(t, -1) if v0 is not None else None
+        v, info = conjugate_gradient(matvec, b.reshape(t, -1), cfg.cg_steps, cfg.cg_tol, x0=x0)
+    rows = info.rows
+    return v.reshape(w.shape), rows["iterations"], rows["residual"], rows["bad"]
+
+
+def head_step(algo: "MRML", fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor, qy: torch.Tensor,
+              w0: torch.Tensor, scale: float, v0: torch.Tensor | None = None) -> HeadStep:
+    """Accumulate `scale` x the hypergradient of each of T tasks into `.grad` (see the module docstring).
+
+    Args:
+        algo: an `MRML` whose inner part is a linear head (`algo.head` set), inner solver `newton`.
+        fs, fq: support and query trunk features (T, n, ...), with gradient.
+        sy, qy: support and query targets (T, n) or (T, n, O).
+        w0: the heads to start Newton from (T, C, d+1), e.g. the inner init or a warm start.
+        scale: the weight of each task's hypergradient (1 / meta-batch for the mean).
+        v0: a warm start for CG (ignored by `direct`).
+    """
+    cfg, t = algo.config, fs.shape[0]
+    algo.last_inner_lr = cfg.inner_lr  # Newton takes no step size; the damped/neumann systems read it
+    lam = algo.l2_attached()
+    lam_d = lam.detach() if isinstance(lam, torch.Tensor) else lam
+    inner = head_problem(algo, fs.detach(), sy, lam_d, stacked_centre(algo, False, t))
+    w, info = newton_heads(inner, w0.detach(), cfg.inner_steps, cfg.inner_tol)
+    query = head_problem(algo, fq.detach(), qy, 0.0, None)
+    b = query.data_value_grad(w)[1]
+    v, cg_its, resid, bad = implicit_solution(algo, inner, w, b, v0)
+
+    attached = head_problem(algo, fs, sy, lam, stacked_centre(algo, True, t))
+    mixed = attached.grad_dot(w, v)
+    f, pred = head_problem(algo, fq, qy, 0.0, None).data_value(w)
+    (scale * (f - mixed).sum()).backward()
+    dt = f.dtype
+    table = torch.stack([f.detach(), cg_its.to(dt), resid.to(dt), bad.to(dt), info.iterations.to(dt),
+                         info.grad_norm.to(dt), info.capped.to(dt), info.stalled.to(dt), info.floor.to(dt)])
+    return HeadStep(w, v, pred.detach(), table)
+
+
+def step_records(algo: "MRML", step: HeadStep, qy: torch.Tensor) -> list[tuple[float, float | None, dict[str, Any]]]:
+    """(loss, accuracy, extra) per task from one host read of the stacked statistics."""
+    accs = algo.loss.accuracies(step.pred, qy)
+    extra_rows = [] if accs is None else [accs.to(step.table.dtype)]
+    if algo.log_l2 is not None:
+        extra_rows.append(algo.log_l2.detach().exp().to(step.table.dtype).expand(step.table.shape[1]))
+    rows = torch.cat([step.table, *(r.unsqueeze(0) for r in extra_rows)]).tolist()  # the one host read
+    k = len(STAT_KEYS)
+    out = []
+    for i in range(step.table.shape[1]):
+        extra = {key: float(rows[j][i]) for j, key in enumerate(STAT_KEYS) if key != "loss"}
+        extra["inner_lr"] = float(algo.config.inner_lr)
+        if algo.log_l2 is not None:
+            extra["l2"] = rows[-1][i]
+        out.append((rows[0][i], rows[k][i] if accs is not None else None, extra))
+    return out
