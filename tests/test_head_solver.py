@@ -34,8 +34,9 @@ def stacked(kind: str, t: int, n: int, c: int, d: int, bias: bool, lam, centre: 
     return prob, per_task, w, feats, targets, w0
 
 
-def lams(t: int, per_task: bool):
-    return torch.linspace(0.05, 0.9, t, dtype=D64) if per_task else 0.3
+def lams(t: int):
+    """A 0-d tensor (T = 1), a float (T = 4) or one lambda per task (T = 7)."""
+    return {1: torch.tensor(0.3, dtype=D64), 4: 0.3}.get(t, torch.linspace(0.05, 0.9, t, dtype=D64))
 
 
 @pytest.mark.parametrize("t", [1, 4, 7])
@@ -44,7 +45,7 @@ def lams(t: int, per_task: bool):
 @pytest.mark.parametrize("n", [4, 12])  # n C < C p1 (dual) and n C >= C p1 (primal) for LinearHeadLoss
 def test_head_problem_equals_linear_head_loss_per_task(t, kind, bias, n):
     c, d = 3, 8 - bias
-    prob, per_task, w, *_ = stacked(kind, t, n, c, d, bias, lams(t, per_task=t > 1))
+    prob, per_task, w, *_ = stacked(kind, t, n, c, d, bias, lams(t))
     v = torch.randn_like(w)
     values, grads = prob.value_grad(w)
     data_values, data_grads = prob.data_value_grad(w)
@@ -210,3 +211,21 @@ def test_head_problem_refuses_misshapen_input_in_one_line():
         HeadProblem(feats[0], y, "classification", 0.1)
     with pytest.raises(UsageError, match="form must be one of"):
         HeadProblem(feats, y, "classification", 0.1).solve(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), form="qr")
+
+
+def test_the_solvers_package_imports_nothing_from_algorithms():
+    """The layer sits below the functional core (issue 17, item 4): checked on the source, since
+    importing `mrml` itself loads `mrml.algorithms`."""
+    import ast
+    from pathlib import Path
+
+    import mrml.solvers
+
+    files = sorted(Path(mrml.solvers.__file__).parent.glob("*.py"))
+    assert len(files) >= 2
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "algorithms" not in (node.module or "") and not any("algorithms" in a.name for a in node.names), path
+            elif isinstance(node, ast.Import):
+                assert not any("algorithms" in a.name for a in node.names), path

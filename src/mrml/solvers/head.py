@@ -246,6 +246,7 @@ class HeadInfo:
     floor: torch.Tensor
 
 
+@torch.no_grad()
 def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: float, form: str | None = None,
                  sync_every: int = 1) -> tuple[torch.Tensor, HeadInfo]:
     """Minimise every task's g_t from W0 (T, C, d+1) by one masked Newton loop; per task the rule of
@@ -253,7 +254,7 @@ def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: flo
     full steps while the decrement is below 64 eps of g and they halve ||d g|| (else stop: floor);
     the gradient as direction when the slope is not positive; stalled when no trial decreases g.
     Finished tasks keep their W. Host reads: one `active.any()` every `sync_every` iterations
-    (0: none, always `max_iter` iterations)."""
+    (0: none, always `max_iter` iterations). Runs without graph."""
     f64 = torch.float64
     x = w0.detach()
     g, grad = problem.value_grad(x)
