@@ -1,0 +1,293 @@
+"""Closed forms and Newton for T stacked linear heads, with per-task reductions and no host reads.
+
+For task t, g_t(W) = loss(F~_t W') + (lam_t/2)||W - W0_t||^2 over W = [weight | bias] (C x (d+1)),
+as `mrml.algorithms.linear_head.LinearHeadLoss` writes it for one task (same maths, same rounding
+order where it matters). The Hessian is H = sum_i A_i (x) f~_i f~_i' + lam I with A_i the curvature of
+the loss in the logits of example i. `HeadProblem.solve` applies H^{-1} by the cheapest of
+
+- dual:     the n C x n C push-through system (lam I + K A) z = J B, LU (`solve_ex`);
+- primal:   the dense C(d+1) x C(d+1) system, Cholesky;
+- woodbury: softmax cross-entropy only: H = blockdiag_c(B_c) - U U' with
+            B_c = F~' diag(p_:c / n) F~ + lam I and U's columns u_i = (p_i (x) f~_i) / sqrt(n), so
+            H^{-1} = B^{-1} + B^{-1} U S^{-1} U' B^{-1},  S = I_n - U' B^{-1} U:
+            C Cholesky factorisations of (d+1) x (d+1) plus one n x n system. S is positive definite
+            whenever H is (S = I - V'V and H = B^{1/2}(I - V V')B^{1/2}, V = B^{-1/2} U). For squared
+            error U = 0 and all C blocks are one matrix: one (d+1) x (d+1) factorisation.
+
+picked by the leading flop counts of `solve_costs`. Cholesky factorisations never read their status
+on the host: `spd_solve` computes an LU solve for every row and keeps it where a row's factorisation
+failed (`fallback="lu"`), or reads the status once (`fallback="host"`, LU only if some row failed).
+
+`newton_heads` is `mrml.algorithms.inner._newton` run on all T tasks at once: masked, with every
+Armijo trial t = 1, 1/2, ..., 2^-(m-1) evaluated in one pass (the logits are affine along the search
+line and the ridge term quadratic in t).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError
+
+#: Armijo sufficient-decrease constant and the most halvings of a line search (as in algorithms.inner)
+ARMIJO, MAX_BACKTRACK = 1e-4, 40
+KINDS = ("classification", "regression")
+FORMS = ("dual", "primal", "woodbury")
+
+
+def spd_solve(m: torch.Tensor, rhs: torch.Tensor, fallback: str = "lu") -> torch.Tensor:
+    """m^{-1} rhs for a batch of symmetric matrices (..., k, k) by Cholesky; rows whose factorisation
+    fails get an LU solve: computed for all rows and selected (`"lu"`, no host read) or computed only
+    when some row failed (`"host"`, one host read)."""
+    chol, info = torch.linalg.cholesky_ex(m)
+    x = torch.cholesky_solve(rhs, chol)
+    bad = (info != 0)[..., None, None]
+    if fallback == "lu" or bool(bad.any()):
+        x = torch.where(bad, torch.linalg.solve_ex(m, rhs)[0], x)
+    return x
+
+
+def solve_costs(kind: str, n: int, c: int, p1: int, fallback: str = "lu") -> dict[str, float]:
+    """Leading flop counts per task of the three forms of `HeadProblem.solve` (T scales all alike):
+    n examples, C classes (outputs), p1 = d+1 columns. With `fallback="lu"` every Cholesky
+    factorisation (k^3/3) is paired with an LU one (2k^3/3) and each triangular solve with an LU solve."""
+    f, s = (3.0, 2.0) if fallback == "lu" else (1.0, 1.0)
+    nc, cp = n * c, c * p1
+    costs = {"dual": 2 * nc**3 / 3 + 2 * nc * nc + 2 * n * n * p1,
+             "primal": f * cp**3 / 3 + 2 * n * c * c * p1 * p1 + s * 2 * cp * cp}
+    if kind == "classification":  # blocks, B^{-1}[U | b], U'B^{-1}U, the n x n system
+        costs["woodbury"] = (f * c * p1**3 / 3 + 2 * n * c * p1**2 + s * 2 * c * p1**2 * (n + 1)
+                             + 2 * n * n * cp + f * n**3 / 3)
+    else:
+        costs["woodbury"] = f * p1**3 / 3 + 2 * n * p1**2 + s * 2 * c * p1**2
+    return costs
+
+
+@dataclass
+class HeadProblem:
+    """T stacked linear-head inner losses; every method reduces per task (leading dim T)."""
+
+    feats: torch.Tensor  # F~: (T, n, d+1) with a column of ones, or (T, n, d) without bias
+    targets: torch.Tensor  # class indices (T, n) or regression targets (T, n, O)
+    kind: str
+    lam: torch.Tensor | float  # float, 0-d tensor or (T,) tensor (a tensor when learned)
+    centre: torch.Tensor | None = None  # W0: (T, C, d+1) (None: 0)
+    fallback: str = "lu"  # see spd_solve
+    _kernel: torch.Tensor | None = field(default=None, init=False, repr=False)  # F~ F~', on first dual solve
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"HeadProblem kind must be one of {KINDS}, got {self.kind!r}")
+        if self.feats.dim() != 3:
+            raise UsageError(f"HeadProblem feats must be (T, n, d+1), got shape {tuple(self.feats.shape)}")
+        t, n, p1 = self.feats.shape
+        want = (t, n) if self.kind == "classification" else (t, n, self.targets.shape[-1])
+        if tuple(self.targets.shape) != want:
+            raise UsageError(f"HeadProblem {self.kind} targets must have shape {want}, got {tuple(self.targets.shape)}")
+        if self.centre is not None and (self.centre.dim() != 3 or self.centre.shape[0] != t or self.centre.shape[2] != p1):
+            raise UsageError(f"HeadProblem centre must be (T={t}, C, {p1}), got {tuple(self.centre.shape)}")
+        if isinstance(self.lam, torch.Tensor) and tuple(self.lam.shape) not in ((), (t,)):
+            raise UsageError(f"HeadProblem lam must be a float, a 0-d tensor or a ({t},) tensor, got {tuple(self.lam.shape)}")
+        if self.fallback not in ("lu", "host"):
+            raise UsageError(f"HeadProblem fallback must be 'lu' or 'host', got {self.fallback!r}")
+
+    @classmethod
+    def build(cls, feats: torch.Tensor, targets: torch.Tensor, kind: str, lam: torch.Tensor | float, bias: bool,
+              centre: torch.Tensor | None = None, fallback: str = "lu") -> "HeadProblem":
+        """From trunk features (T, n, ...) (flattened per example, a ones column appended if `bias`)."""
+        f = feats.reshape(feats.shape[0], feats.shape[1], -1)
+        if bias:
+            f = torch.cat([f, f.new_ones(f.shape[0], f.shape[1], 1)], dim=2)
+        if kind == "regression":
+            targets = targets.reshape(f.shape[0], f.shape[1], -1)
+        return cls(f, targets, kind, lam if isinstance(lam, torch.Tensor) else float(lam), centre, fallback)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _lam(self, k: int) -> torch.Tensor | float:
+        """lambda broadcastable against a (T, ...) tensor with k trailing dims."""
+        if isinstance(self.lam, torch.Tensor) and self.lam.dim() == 1:
+            return self.lam.reshape(-1, *([1] * k))
+        return self.lam
+
+    def _ridge(self) -> bool:
+        return isinstance(self.lam, torch.Tensor) or self.lam != 0
+
+    def _dw(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.centre is None else w - self.centre
+
+    def logits(self, w: torch.Tensor) -> torch.Tensor:
+        """F~ W' per task: (T, n, C)."""
+        return self.feats @ w.transpose(1, 2)
+
+    # -- loss and gradient --------------------------------------------------------------------------
+    def _data(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-task data loss (T,) and its gradient in the logits (T, n, C)."""
+        t, n, c = z.shape
+        if self.kind == "classification":
+            value = F.cross_entropy(z.reshape(t * n, c), self.targets.reshape(-1), reduction="none").reshape(t, n).mean(1)
+            idx = self.targets.unsqueeze(2)
+            resid = torch.softmax(z, dim=2).scatter_add(2, idx, z.new_full(idx.shape, -1.0)) / n
+            return value, resid
+        diff = z - self.targets
+        return diff.pow(2).mean((1, 2)), 2.0 * diff / (n * c)
+
+    def data_value_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unregularised losses (T,) and their gradients (T, C, d+1) at W (T, C, d+1)."""
+        value, resid = self._data(self.logits(w))
+        return value, resid.transpose(1, 2) @ self.feats
+
+    def value_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        value, grad = self.data_value_grad(w)
+        if self._ridge():
+            dw = self._dw(w)
+            value = value + 0.5 * self._lam(0) * dw.pow(2).sum((1, 2))
+            grad = grad + self._lam(2) * dw
+        return value, grad
+
+    def values_along(self, w: torch.Tensor, d: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """g_t(W - s D) for every task and every s in `ts` (m,): (T, m), from one pass over the logits
+        z(s) = z(W) - s F~ D' and the ridge term quadratic in s."""
+        z = self.logits(w).unsqueeze(1) - ts[None, :, None, None] * self.logits(d).unsqueeze(1)  # (T, m, n, C)
+        if self.kind == "classification":
+            idx = self.targets[:, None, :, None].expand(-1, z.shape[1], -1, 1)
+            value = (torch.logsumexp(z, dim=3) - z.gather(3, idx).squeeze(3)).mean(2)
+        else:
+            value = (z - self.targets.unsqueeze(1)).pow(2).mean((2, 3))
+        if self._ridge():
+            dw = self._dw(w)
+            a0, a1, a2 = dw.pow(2).sum((1, 2)), (dw * d).sum((1, 2)), d.pow(2).sum((1, 2))
+            quad = a0[:, None] - 2 * ts * a1[:, None] + ts * ts * a2[:, None]
+            value = value + 0.5 * self._lam(1) * quad
+        return value
+
+    def grad_dot(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """<d_W g_t(W), V> per task (T,), differentiable in the features, lambda and the centre (W, V
+        constant): the mixed term of the implicit surrogate, without a double backward."""
+        z, u, n = self.logits(w), self.logits(v), self.feats.shape[1]
+        if self.kind == "classification":
+            p = torch.softmax(z, dim=2)
+            data = ((p * u).sum((1, 2)) - u.gather(2, self.targets.unsqueeze(2)).sum((1, 2))) / n
+        else:
+            data = 2.0 * ((z - self.targets) * u).sum((1, 2)) / (z.shape[1] * z.shape[2])
+        return data + self._lam(0) * (self._dw(w) * v).sum((1, 2))
+
+    # -- curvature ----------------------------------------------------------------------------------
+    def weights(self, w: torch.Tensor) -> torch.Tensor:
+        """A_i per task (T, n, C, C): the curvature of the loss in the logits, scaled by the mean."""
+        t, n, c = w.shape[0], self.feats.shape[1], w.shape[1]
+        if self.kind == "classification":
+            p = torch.softmax(self.logits(w), dim=2)
+            return (torch.diag_embed(p) - p.unsqueeze(3) * p.unsqueeze(2)) / n
+        return (2.0 / (n * c) * torch.eye(c, dtype=w.dtype, device=w.device)).expand(t, n, c, c)
+
+    def hvp(self, w: torch.Tensor, v: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+        """H V per task at W (V: T x C x (d+1)); `a` = weights(w) if known."""
+        a = self.weights(w) if a is None else a
+        mu = torch.einsum("tncd,tnd->tnc", a, self.logits(v))  # M J V
+        return mu.transpose(1, 2) @ self.feats + self._lam(2) * v
+
+    def form(self, c: int) -> str:
+        """The form `solve` picks for C classes: the cheapest by `solve_costs`."""
+        costs = solve_costs(self.kind, self.feats.shape[1], c, self.feats.shape[2], self.fallback)
+        return min(costs, key=costs.get)
+
+    def solve(self, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor | None = None, form: str | None = None) -> torch.Tensor:
+        """H^{-1} B per task at W (B: T x C x (d+1)) by `form` (None: the cheapest); `a` = weights(w)."""
+        if b.shape != w.shape:
+            raise UsageError(f"HeadProblem.solve takes B shaped like W {tuple(w.shape)}, got {tuple(b.shape)}")
+        form = self.form(w.shape[1]) if form is None else form
+        if form == "woodbury":
+            return self._woodbury(w, b)
+        if form not in FORMS:
+            raise UsageError(f"HeadProblem.solve form must be one of {FORMS} or None, got {form!r}")
+        a = self.weights(w) if a is None else a
+        t, n, p1 = self.feats.shape
+        c = w.shape[1]
+        if form == "dual":  # (lam I + K A) z = J B over (n, C)
+            if self._kernel is None:
+                self._kernel = self.feats @ self.feats.transpose(1, 2)
+            s = torch.einsum("tij,tjcd->ticjd", self._kernel, a).reshape(t, n * c, n * c)
+            s = s + self._lam(2) * torch.eye(n * c, dtype=s.dtype, device=s.device)
+            z = torch.linalg.solve_ex(s, self.logits(b).reshape(t, n * c, 1))[0].reshape(t, n, c)
+            mz = torch.einsum("tncd,tnd->tnc", a, z)
+            return (b - mz.transpose(1, 2) @ self.feats) / self._lam(2)
+        h = torch.einsum("tncd,tna,tnb->tcadb", a, self.feats, self.feats).reshape(t, c * p1, c * p1)
+        h = h + self._lam(2) * torch.eye(c * p1, dtype=h.dtype, device=h.device)
+        return spd_solve(h, b.reshape(t, c * p1, 1), self.fallback).reshape(t, c, p1)
+
+    def _woodbury(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        f, (t, n, p1), c = self.feats, self.feats.shape, w.shape[1]
+        eye = torch.eye(p1, dtype=f.dtype, device=f.device)
+        if self.kind == "regression":  # H = I_C (x) (2/(n C) F~'F~ + lam I)
+            blk = 2.0 / (n * c) * (f.transpose(1, 2) @ f) + self._lam(2) * eye
+            return spd_solve(blk, b.transpose(1, 2), self.fallback).transpose(1, 2)
+        p = torch.softmax(self.logits(w), dim=2)  # (T, n, C)
+        blocks = torch.einsum("tnc,tna,tnb->tcab", p / n, f, f) + self._lam(3) * eye  # B_c
+        u = p.transpose(1, 2).unsqueeze(2) * f.transpose(1, 2).unsqueeze(1) / math.sqrt(n)  # (T, C, p1, n)
+        sol = spd_solve(blocks, torch.cat([u, b.unsqueeze(3)], dim=3), self.fallback)
+        y, y0 = sol[..., :n], sol[..., n]  # B^{-1} U, B^{-1} B
+        s = torch.eye(n, dtype=f.dtype, device=f.device) - torch.einsum("tcai,tcaj->tij", u, y)
+        q = spd_solve(s, torch.einsum("tcai,tca->ti", u, y0).unsqueeze(2), self.fallback).squeeze(2)
+        return y0 + torch.einsum("tcai,ti->tca", y, q)
+
+
+@dataclass
+class HeadInfo:
+    """Per-task record of `newton_heads` (all (T,) tensors): iterations, final ||d_W g||, whether the
+    cap was hit, the line search stalled, or the rounding floor ended the solve."""
+
+    iterations: torch.Tensor
+    grad_norm: torch.Tensor
+    capped: torch.Tensor
+    stalled: torch.Tensor
+    floor: torch.Tensor
+
+
+@torch.no_grad()
+def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: float, form: str | None = None,
+                 sync_every: int = 1) -> tuple[torch.Tensor, HeadInfo]:
+    """Minimise every task's g_t from W0 (T, C, d+1) by one masked Newton loop; per task the rule of
+    `algorithms.inner._newton`: stop at ||d g|| <= tol max(1, ||d g(W0)||) or `max_iter` iterations;
+    full steps while the decrement is below 64 eps of g and they halve ||d g|| (else stop: floor);
+    the gradient as direction when the slope is not positive; stalled when no trial decreases g.
+    Finished tasks keep their W. Host reads: one `active.any()` every `sync_every` iterations
+    (0: none, always `max_iter` iterations). Runs without graph."""
+    f64 = torch.float64
+    x = w0.detach()
+    g, grad = problem.value_grad(x)
+    gnorm = grad.norm(dim=(1, 2)).to(f64)
+    target = tol * gnorm.clamp_min(1.0)
+    eps = 64.0 * torch.finfo(x.dtype).eps
+    ts = 0.5 ** torch.arange(MAX_BACKTRACK, dtype=f64, device=x.device)
+    ts_x = ts.to(x.dtype)
+    it = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    stalled, floor = torch.zeros_like(it, dtype=torch.bool), torch.zeros_like(it, dtype=torch.bool)
+    active = (gnorm > target) & (max_iter > 0)
+    for k in range(max_iter):
+        if sync_every and k % sync_every == 0 and not bool(active.any()):
+            break
+        d = problem.solve(x, grad, form=form)
+        slope = (grad * d).sum((1, 2)).to(f64)
+        g64 = g.to(f64)
+        full = (slope > 0) & (slope <= 2 * eps * g64.abs().clamp_min(1.0))
+        use_grad = ~(slope > 0)
+        d = torch.where(use_grad[:, None, None], grad, d)
+        slope = torch.where(use_grad, (grad * grad).sum((1, 2)).to(f64), slope)
+        ok = problem.values_along(x, d, ts_x).to(f64) <= g64[:, None] - ARMIJO * ts[None, :] * slope[:, None]
+        step = torch.where(full, 1.0, ts_x[ok.to(torch.int32).argmax(1)])
+        xn = x - step[:, None, None] * d
+        gn, gradn = problem.value_grad(xn)
+        nn = gradn.norm(dim=(1, 2)).to(f64)
+        hit_floor = active & full & ~(nn <= 0.5 * gnorm)
+        hit_stall = active & ~full & ~ok.any(1)
+        accept = active & ~hit_floor & ~hit_stall
+        x = torch.where(accept[:, None, None], xn, x)
+        grad = torch.where(accept[:, None, None], gradn, grad)
+        g, gnorm = torch.where(accept, gn, g), torch.where(accept, nn, gnorm)
+        target = torch.where(hit_floor, gnorm, target)
+        it, floor, stalled = it + accept.long(), floor | hit_floor, stalled | hit_stall
+        active = accept & (gnorm > target) & (it < max_iter)
+    return x, HeadInfo(it, gnorm, (gnorm > target) & ~stalled, stalled, floor)
