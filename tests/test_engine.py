@@ -63,7 +63,7 @@ def test_newton_iterations_are_uneven_across_the_tasks(tiny):
 
 
 def test_task_chunk_runs_the_exact_default_without_warning(tiny):
-    _, algo = make(task_chunk=8)
+    _, algo = make(torch.float32, task_chunk=8)
     cfg = algo.config
     assert (cfg.inner_solver, cfg.implicit, cfg.learn_l2) == ("newton", "direct", True)
     stats = algo.meta_gradient(uneven_episodes(tiny, 3, torch.float32))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import math
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
@@ -168,21 +167,17 @@ class MetaAlgorithm(abc.ABC):
         self.head: HeadLayout | None = (HeadLayout(self.split.inner_init())
                                         if same_builtin and closed_form_head(self.split, self.loss.kind) else None)
         if cfg.inner_solver is None:
-            # exact solves by default where the inner problem is the convex head; the task-batched path
-            # (chunks, amp, compile) and wider, non-convex inner parts run the gd form (see README)
-            exact_ok = self.head is not None and not cfg.batched
+            # exact solves by default where the inner problem is the convex head (per task and on the
+            # task-batched path alike); wider, non-convex inner parts run the gd form (see README)
+            exact_ok = self.head is not None
             cfg.inner_solver = self.inner_solvers[0] if exact_ok or "gd" not in self.inner_solvers else "gd"
-            if cfg.batched and self.head is not None and self.inner_solvers[0] != "gd":
-                warnings.warn(f"{self.name}: --task-chunk/--amp/--compile run Algorithm 1's gradient-descent form "
-                              "(K steps + CG); the exact inner solve is per-task only", stacklevel=2)
         if cfg.inner_solver not in self.inner_solvers:
             known = cfg.inner_solver in INNER_SOLVERS
             raise UsageError(f"{self.name} accepts --inner-solver {' or '.join(self.inner_solvers)}"
                              + (f" (got {cfg.inner_solver!r}: it differentiates its gradient steps)" if known
                                 else f" (got {cfg.inner_solver!r})"))
         if cfg.learn_l2 is None:  # learned by default only in the default form: exact solve of a linear head
-            cfg.learn_l2 = (self.default_learn_l2 and cfg.inner_solver == "newton" and self.head is not None
-                            and not cfg.batched)
+            cfg.learn_l2 = self.default_learn_l2 and cfg.inner_solver == "newton" and self.head is not None
         if cfg.inner_solver == "newton" and not cfg.l2 > 0:
             raise UsageError(f"--inner-solver newton needs --l2 > 0 (got {cfg.l2}): without it the inner problem "
                              "may have no minimiser; use --inner-solver gd for l2 = 0")

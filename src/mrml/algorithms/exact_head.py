@@ -97,7 +97,7 @@ def head_step(algo: "MRML", fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor
     lam = algo.l2_attached()
     lam_d = lam.detach() if isinstance(lam, torch.Tensor) else lam
     inner = head_problem(algo, fs.detach(), sy, lam_d, stacked_centre(algo, False, t))
-    w, info = newton_heads(inner, w0.detach(), cfg.inner_steps, cfg.inner_tol)
+    w, info = newton_heads(inner, w0.detach(), cfg.inner_steps, cfg.inner_tol, hint=getattr(algo, "newton_hint", None))
     query = head_problem(algo, fq.detach(), qy, 0.0, None)
     b = query.data_value_grad(w)[1]
     v, cg_its, resid, bad = implicit_solution(algo, inner, w, b, v0)
@@ -120,6 +120,7 @@ def step_records(algo: "MRML", step: HeadStep, qy: torch.Tensor) -> list[tuple[f
         extra_rows.append(algo.log_l2.detach().exp().to(step.table.dtype).expand(step.table.shape[1]))
     rows = torch.cat([step.table, *(r.unsqueeze(0) for r in extra_rows)]).tolist()  # the one host read
     k = len(STAT_KEYS)
+    algo.newton_hint = int(max(rows[STAT_KEYS.index("inner_iterations")]))  # where the next solve checks first
     out = []
     for i in range(step.table.shape[1]):
         extra = {key: float(rows[j][i]) for j, key in enumerate(STAT_KEYS) if key != "loss"}

@@ -98,16 +98,19 @@ class MRML(MetaAlgorithm):
         super().__init__(*args, **kwargs)
         cfg = self.config
         if cfg.implicit is None:
-            cfg.implicit = "direct" if self.head is not None and not cfg.batched else "cg"
+            cfg.implicit = "direct" if self.head is not None else "cg"
         if cfg.implicit not in IMPLICIT_SYSTEMS:
             raise UsageError(f"--implicit must be one of {', '.join(IMPLICIT_SYSTEMS)} (got {cfg.implicit!r})")
         if cfg.implicit == "direct" and self.head is None:
             raise UsageError("--implicit direct needs the inner part to be one linear layer (the head) under "
                              "classification or regression loss: use --implicit cg")
-        if cfg.batched and (cfg.inner_solver != "gd" or cfg.implicit != "cg" or cfg.learn_l2):
-            raise UsageError("--task-chunk, --amp and --compile run Algorithm 1's gradient-descent form only: "
-                             "use --inner-solver gd --implicit cg without --learn-l2, or drop those options")
+        if cfg.batched and not self.exact_head and (cfg.inner_solver != "gd" or cfg.implicit != "cg" or cfg.learn_l2):
+            raise UsageError("--task-chunk, --amp and --compile run the exact head solve (a linear inner head) or "
+                             "Algorithm 1's gradient-descent form: use --inner-solver gd --implicit cg without "
+                             "--learn-l2 for this inner part, or drop those options")
         self._warm: dict[Any, tuple[Params, torch.Tensor]] = {}
+        #: Newton iterations the last exact head solve needed (its host checks start there; None: every one)
+        self.newton_hint: int | None = None
 
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
                       scale: float | None = None, *, accumulate: bool = False) -> StepStats:

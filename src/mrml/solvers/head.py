@@ -139,6 +139,16 @@ class HeadProblem:
         value, resid = self._data(self.logits(w))
         return value, resid.transpose(1, 2) @ self.feats
 
+    def data_value(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unregularised losses (T,) and the logits (T, n, C) at W, differentiable in the features."""
+        z = self.logits(w)
+        t, n, c = z.shape
+        if self.kind == "classification":
+            value = F.cross_entropy(z.reshape(t * n, c), self.targets.reshape(-1), reduction="none").reshape(t, n).mean(1)
+        else:
+            value = (z - self.targets).pow(2).mean((1, 2))
+        return value, z
+
     def value_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         value, grad = self.data_value_grad(w)
         if self._ridge():
@@ -248,13 +258,15 @@ class HeadInfo:
 
 @torch.no_grad()
 def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: float, form: str | None = None,
-                 sync_every: int = 1) -> tuple[torch.Tensor, HeadInfo]:
+                 sync_every: int = 1, hint: int | None = None) -> tuple[torch.Tensor, HeadInfo]:
     """Minimise every task's g_t from W0 (T, C, d+1) by one masked Newton loop; per task the rule of
     `algorithms.inner._newton`: stop at ||d g|| <= tol max(1, ||d g(W0)||) or `max_iter` iterations;
     full steps while the decrement is below 64 eps of g and they halve ||d g|| (else stop: floor);
     the gradient as direction when the slope is not positive; stalled when no trial decreases g.
     Finished tasks keep their W. Host reads: one `active.any()` every `sync_every` iterations
-    (0: none, always `max_iter` iterations). Runs without graph."""
+    (0: none, always `max_iter` iterations); with `hint` (the iterations expected, e.g. the last
+    step's most) at iterations hint, hint + 1, hint + 3, hint + 7, ... instead: one or two reads when
+    the hint is right, the iterations in between masked. Runs without graph."""
     f64 = torch.float64
     x = w0.detach()
     g, grad = problem.value_grad(x)
@@ -266,8 +278,9 @@ def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: flo
     it = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     stalled, floor = torch.zeros_like(it, dtype=torch.bool), torch.zeros_like(it, dtype=torch.bool)
     active = (gnorm > target) & (max_iter > 0)
+    checks = None if hint is None else {max(hint, 0) + 2**j - 1 for j in range(max(max_iter, 1).bit_length() + 1)}
     for k in range(max_iter):
-        if sync_every and k % sync_every == 0 and not bool(active.any()):
+        if (k in checks if checks is not None else sync_every and k % sync_every == 0) and not bool(active.any()):
             break
         d = problem.solve(x, grad, form=form)
         slope = (grad * d).sum((1, 2)).to(f64)
