@@ -120,6 +120,9 @@ def _read(path: Path) -> dict[str, Any]:
     for key, kind in types.items():
         if not isinstance(payload.get(key), kind):
             raise UsageError(f"{path} is damaged: {key!r} is {type(payload.get(key)).__name__ if key in payload else 'missing'}")
+    for key in ("trunk", "loss", "inner_loss"):
+        if not isinstance(payload.get(key), (str, type(None))):
+            raise UsageError(f"{path} is damaged: {key!r} is {type(payload[key]).__name__}, not a name")
     return payload
 
 
