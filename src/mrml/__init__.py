@@ -11,6 +11,7 @@ from .algorithms import ANIL, FOMAML, IMAML, ITDBiO, MAML, MRML, ProtoNet, Repti
 from .data import Episode, build_dataset, episode_rng
 from .functional import HypergradientInfo, InnerSolveInfo, hypergradient, solve_inner
 from .implicit import CGInfo, cg_solver, conjugate_gradient
+from .learner_io import load_learner, save_learner
 from .memory import PeakMemoryMeter
 from .runs import LoadedRun, load_run
 
@@ -19,4 +20,4 @@ __version__ = "0.1.0"
 __all__ = ["ALGORITHMS", "ANIL", "AlgoConfig", "CGInfo", "Episode", "FOMAML", "HypergradientInfo", "IMAML", "ITDBiO",
            "InnerSolveInfo", "LoadedRun", "MAML", "MRML", "MetaAlgorithm", "PeakMemoryMeter", "ProtoNet", "Reptile",
            "StepStats", "build_algorithm", "build_dataset", "cg_solver", "conjugate_gradient", "episode_rng",
-           "hypergradient", "load_run", "solve_inner"]
+           "hypergradient", "load_learner", "load_run", "save_learner", "solve_inner"]

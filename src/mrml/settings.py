@@ -135,7 +135,7 @@ def check_settings(obj: Any) -> None:
     Example:
         >>> from mrml.algorithms.algo_config import AlgoConfig
         >>> cfg = AlgoConfig()
-        >>> cfg.cg_steps = -2
+        >>> cfg.__dict__["cg_steps"] = -2  # past AlgoConfig's own check on assignment
         >>> try:
         ...     check_settings(cfg)
         ... except UsageError as e:

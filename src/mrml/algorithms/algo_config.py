@@ -4,7 +4,8 @@ The same declarations make `mrml train`'s algorithm options and their checks (`m
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from difflib import get_close_matches
 from typing import Any
 
 from ..errors import UsageError
@@ -19,7 +20,8 @@ STEPS_MAX = 10**6
 
 @dataclass
 class AlgoConfig:
-    """Settings shared by the algorithms (each uses the ones that apply to it); checked when made.
+    """Settings shared by the algorithms (each uses the ones that apply to it); checked when made and
+    on every later assignment (`learner.config.inner_steps = -3` raises, the old value kept).
 
     A field left None is resolved by the algorithm (e.g. mrml's inner part is its head, its inner
     solver newton). A value out of its range or choices raises a one-line `mrml.errors.UsageError`.
@@ -31,7 +33,9 @@ class AlgoConfig:
         l2, learn_l2, prox: the inner-loss strength lambda (learned or fixed) and its centre.
         implicit, cg_steps, cg_tol, warm_start: the linear system of the implicit hypergradient.
         first_order, recompute_features: forms of the unrolled baselines / the paper-faithful trunk.
-        test_steps, test_lr: test-time head adaptation.
+        test_steps, test_lr: test-time adaptation of mrml, imaml and itd-bio; maml, fomaml, anil and
+            reptile adapt with their training loop (inner_steps at inner_lr) unless
+            extra={"test_adaptation": "test"}.
         task_chunk, amp, compile: speed (mrml's task-batched path).
         extra: algorithm-specific settings by name (Python API only).
 
@@ -47,6 +51,12 @@ class AlgoConfig:
         ... except UsageError as e:
         ...     print(e)
         --amp must be bf16 or fp16 (got 'fp8')
+        >>> cfg = AlgoConfig()
+        >>> try:
+        ...     cfg.inner_steps = -3
+        ... except UsageError as e:
+        ...     print(e, "| kept:", cfg.inner_steps)
+        --inner-steps must be >= 0 and <= 1000000 (an integer; got -3) | kept: 20
     """
 
     inner: str | None = setting(None, "inner part adapted per task: head, last-block, all, or parameter name "
@@ -78,8 +88,11 @@ class AlgoConfig:
                                       "task sets)")
     recompute_features: bool = setting(False, "paper-faithful form: re-run the backbone with gradient in every "
                                               "inner step")
-    test_steps: int = setting(20, "head adaptation steps at test time", range=ints(0, STEPS_MAX))
-    test_lr: float = setting(0.05, "head adaptation step size at test time", range=floats(0, LR_MAX, open_low=True))
+    test_steps: int = setting(20, "test-time adaptation steps of mrml, imaml and itd-bio (newton: the solve's "
+                                  "cap); maml, fomaml, anil and reptile adapt with --inner-steps",
+                              range=ints(0, STEPS_MAX))
+    test_lr: float = setting(0.05, "test-time adaptation step size of mrml, imaml and itd-bio (gd); maml, fomaml, "
+                                   "anil and reptile adapt with --inner-lr", range=floats(0, LR_MAX, open_low=True))
     first_order: bool = setting(False, "drop second-order terms where the algorithm has them")
     plain_inner: bool = setting(False, "plain inner gradient descent: no divergence guard (the paper's loop; no "
                                        "per-step GPU sync)")
@@ -95,6 +108,24 @@ class AlgoConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """An assignment after construction is checked as construction checks (the same one-line
+        UsageError, the old value kept); a name that is no setting is refused."""
+        if not self.__dict__.get("_validated"):  # the dataclass's __init__: __post_init__ checks everything
+            object.__setattr__(self, name, value)
+            return
+        if name not in _FIELD_NAMES and not name.startswith("_"):
+            near = get_close_matches(name, _FIELD_NAMES, n=1)
+            raise UsageError(f"AlgoConfig has no setting {name!r}" + (f": did you mean {near[0]!r}?" if near else ""))
+        old = self.__dict__.get(name)
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except UsageError:
+            object.__setattr__(self, name, old)
+            raise
 
     def validate(self) -> None:
         """Check the settings again (after fields were assigned); one-line UsageError for the first bad one."""
@@ -110,3 +141,6 @@ class AlgoConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(AlgoConfig))

@@ -23,6 +23,7 @@ from .. import functional as fn
 from ..functional import MAX_HALVINGS, descend, detached, guard_rtol  # noqa: F401 (re-exported)
 from ..data.base import Episode
 from ..errors import UsageError
+from ..models.modes import evaluation_modes
 from ..models.split import ModelSplit, Params, split_model
 from .algo_config import IMPLICIT_SYSTEMS, INNER_SOLVERS, AlgoConfig  # noqa: F401 (re-exported)
 from .inner import InnerInfo, newton_head
@@ -382,12 +383,16 @@ class MetaAlgorithm(abc.ABC):
             >>> torch.allclose(pred, learner.adapt(ep))
             True
         """
-        _, y, _ = self._test_time(episode, query=False)
+        with evaluation_modes(self.model):
+            _, y, _ = self._test_time(episode, query=False)
         return {k: v.detach() for k, v in self.split.to_model_names(y).items()}
 
     def adapt(self, ep: Episode) -> torch.Tensor:
         """Query predictions after test-time adaptation: trunk frozen, inner part adapted on the
-        support set as `adapted_parameters` does. Leaves `.grad` untouched.
+        support set as `adapted_parameters` does. Leaves `.grad` untouched. Deterministic: dropout and
+        other train-only layers are off, batch norm normalises as in meta-training (by the batch's
+        statistics in train mode, running statistics not updated), every module's mode restored
+        afterwards (`mrml.models.modes.evaluation_modes`; `adapted_parameters` and `evaluate` alike).
 
         Args:
             ep: the task: the inner part adapts on its support set, and predicts its query inputs.
@@ -407,9 +412,10 @@ class MetaAlgorithm(abc.ABC):
             >>> pred.shape, pred.requires_grad, torch.equal(pred, learner.adapt(ep))
             (torch.Size([9, 3]), False, True)
         """
-        xa, y, fq = self._test_time(ep, query=True)
-        with torch.no_grad():
-            return self.split.predict({**xa, **y}, fq)
+        with evaluation_modes(self.model):
+            xa, y, fq = self._test_time(ep, query=True)
+            with torch.no_grad():
+                return self.split.predict({**xa, **y}, fq)
 
     def evaluate(self, ep: Episode) -> StepStats:
         """Query loss and accuracy after test-time adaptation (`adapt`) on one task.

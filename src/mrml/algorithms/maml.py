@@ -15,17 +15,21 @@ and adapted part receive only their direct term d_x f(x, y_K).
 Test-time adaptation runs the training inner loop -- `inner_steps` steps at `inner_lr` on the same
 inner loss, from the learned initialisation -- because that is the procedure the initialisation was
 meta-learned for (MAML's learned init is tuned to K steps of size alpha; `test_steps`/`test_lr` are
-the head-adaptation settings of mrml and ITD-BiO). Set `config.extra["test_adaptation"] = "test"` to
-use `test_steps` at `test_lr` instead.
+the test-time settings of mrml, iMAML and ITD-BiO). Set `config.extra["test_adaptation"] = "test"` to
+use `test_steps` at `test_lr` instead; without it, test settings other than their defaults are named
+in a warning (they are not used). The same holds for ANIL and Reptile.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
 from .. import pytree
 from ..data.base import Episode
+from ..errors import UsageError
+from ..settings import default_of, field_of, flag
 from ..models.split import Params
 from .base import MetaAlgorithm, StepStats, detached
 
@@ -78,9 +82,24 @@ class Unrolled(MetaAlgorithm):
                          {"inner_lr": self.last_inner_lr})
 
     def test_schedule(self) -> tuple[int, float]:
-        if self.config.extra.get("test_adaptation", "train") == "test":
-            return self.config.test_steps, self.config.test_lr
-        return self.config.inner_steps, self.config.inner_lr
+        """(steps, step size) of test-time adaptation: `inner_steps` at `inner_lr` (the training loop),
+        or `test_steps` at `test_lr` with `config.extra["test_adaptation"] = "test"`. Test settings
+        other than their defaults that the training loop leaves unused are named in a warning (once)."""
+        cfg = self.config
+        mode = cfg.extra.get("test_adaptation", "train")
+        if mode not in ("train", "test"):
+            raise UsageError(f"extra test_adaptation must be 'train' (the training inner loop) or 'test' (test_steps "
+                             f"at test_lr), got {mode!r}")
+        if mode == "test":
+            return cfg.test_steps, cfg.test_lr
+        unused = [f"{flag(n)} {getattr(cfg, n)}" for n in ("test_steps", "test_lr")
+                  if getattr(cfg, n) != default_of(field_of(cfg, n))]
+        if unused and not self.__dict__.get("_warned_test_settings"):
+            self._warned_test_settings = True
+            warnings.warn(f"{self.name} adapts at test time with its training inner loop (--inner-steps "
+                          f"{cfg.inner_steps} at --inner-lr {cfg.inner_lr:g}): {' and '.join(unused)} not used; "
+                          "AlgoConfig(extra={'test_adaptation': 'test'}) uses them", stacklevel=3)
+        return cfg.inner_steps, cfg.inner_lr
 
     def adapted_inner(self, xa: Params, fs: Any, ys: torch.Tensor) -> Params:
         """The training inner loop (K steps at alpha, see the module docstring), without graph."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data.base import Episode
 from ..errors import UsageError
+from ..models.modes import evaluation_modes
 from .base import AlgoConfig, MetaAlgorithm, StepStats
 from .losses import TaskLoss, make_loss
 
@@ -94,5 +95,6 @@ class ProtoNet(MetaAlgorithm):
         return {}
 
     def adapt(self, ep: Episode) -> torch.Tensor:
-        with torch.no_grad():
+        """Query logits from the support prototypes (evaluation modes: `mrml.models.modes`)."""
+        with evaluation_modes(self.model), torch.no_grad():
             return self.logits(ep)
