@@ -38,7 +38,7 @@ def serializer_write_failed(exc: BaseException) -> bool:
     `PytorchStreamWriter failed writing file ...` or `[enforce fail at inline_container.cc:N] . unexpected pos ...`)."""
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("PytorchStreamWriter failed" in text or (
-        "inline_container.cc" in text and "unexpected pos" in text))
+        "inline_container.cc" in text and "unexpected pos" in text) or ("failed writing" in text and "file" in text))
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -88,13 +88,16 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+# open flags that refuse a symlink and never block on a FIFO (POSIX; absent flags are 0 elsewhere)
+_NO_LINK_NO_WAIT = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def append_bytes(path: Path, data: bytes) -> None:
     """Append `data` to `path` (created 0666 less the umask); a symlink, FIFO or other non-regular file
     there is refused in one line rather than written through (O_NOFOLLOW, O_NONBLOCK, fstat)."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     0o666)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NO_LINK_NO_WAIT, 0o666)
     except OSError as e:
         if e.errno == errno.ENXIO:  # a FIFO nobody reads
             raise UsageError(f"{path} is not a regular file: remove it, then continue") from None
