@@ -150,7 +150,7 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a folder: pass the --out folder of an mrml train run")
     if not path.is_file():
-        if (run_dir / "config.json").is_file():  # a run killed before its first checkpoint, or one whose checkpoint went
+        if (run_dir / "config.json").is_file():  # killed before its first checkpoint, or the file went
             raise UsageError(f"no checkpoint.pt in {run_dir}: its run stopped before its first checkpoint (or the file "
                              f"was removed), so there is nothing to continue or load; start it afresh with "
                              f"`mrml train --config {run_dir / 'config.json'} --out NEW_FOLDER`")
