@@ -207,3 +207,265 @@ def test_compare_skips_a_cut_off_non_utf8_last_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["iteration"] == 2
+
+
+# -- issue 21 item 6: run folders that cannot be hijacked or lost ------------------------------------------
+def victim(tmp_path: Path, text: str = "precious\n") -> Path:
+    """A file outside the run that a symlink in the run folder points to; it must never be written."""
+    path = tmp_path / "elsewhere" / "victim.txt"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_lock_symlink_is_not_followed(tmp_path, capsys):
+    target = victim(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(target)
+    one_line(capsys, train(out, "--iterations", "1"), 2, str(out / ".lock"), "symbolic link")
+    assert target.read_text() == "precious\n" and (out / ".lock").is_symlink()
+    assert not (out / "config.json").exists()
+
+
+def test_dangling_lock_symlink_creates_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    target = tmp_path / "created-by-mrml"
+    (out / ".lock").symlink_to(target)
+    one_line(capsys, train(out, "--iterations", "1"), 2, "symbolic link")
+    assert not os.path.lexists(target)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "hard_link"])
+def test_lock_that_is_not_a_plain_file_is_refused(tmp_path, capsys, kind):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".lock"
+    if kind == "folder":
+        lock.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        os.link(victim(tmp_path), lock)
+    needle = {"folder": "not a regular file", "fifo": "not a regular file", "hard_link": "2 hard links"}[kind]
+    one_line(capsys, train(out, "--iterations", "1"), 2, str(lock), needle)
+    if kind == "hard_link":
+        assert (tmp_path / "elsewhere" / "victim.txt").read_text() == "precious\n"
+
+
+def test_write_probe_symlink_is_not_followed(tmp_path):
+    target = victim(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".write-test").symlink_to(target)  # the name the old probe wrote (and truncated) through
+    assert train(out, "--iterations", "1") == 0
+    assert target.read_text() == "precious\n"
+
+
+def test_atomic_write_replaces_a_symlink_without_writing_its_target(tmp_path):
+    target = victim(tmp_path)
+    link = tmp_path / "config.json"
+    link.symlink_to(target)
+    ckpt.atomic_json(link, {"a": 1})
+    assert target.read_text() == "precious\n"
+    assert not link.is_symlink() and json.loads(link.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_resume_replaces_symlinked_run_files_without_writing_their_targets(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2") == 0
+    targets = {}
+    for name in ("config.json", "final.json"):
+        targets[name] = victim(tmp_path, f"not {name}\n").rename(tmp_path / "elsewhere" / name)
+        (out / name).unlink()
+        (out / name).symlink_to(targets[name])
+    assert main(["train", "--resume", str(out), "--iterations", "3", "--no-progress"]) == 0
+    for name, target in targets.items():
+        assert target.read_text() == f"not {name}\n"
+        assert not (out / name).is_symlink()
+    assert json.loads((out / "final.json").read_text())["iterations"] == 3
+
+
+def test_resume_refuses_symlinked_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2") == 0
+    target = victim(tmp_path, "secret line, not JSON\n")
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").symlink_to(target)
+    capsys.readouterr()
+    code = main(["train", "--resume", str(out), "--iterations", "3", "--no-progress"])
+    one_line(capsys, code, 2, "metrics.jsonl", "symbolic link")
+    assert target.read_text() == "secret line, not JSON\n" and not (out / "metrics.jsonl.corrupt").exists()
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_metrics_append_does_not_follow_a_symlink(tmp_path, dangling):
+    from mrml.errors import UsageError
+    from mrml.train import MetricsLog
+
+    target = tmp_path / "missing.txt" if dangling else victim(tmp_path)
+    (tmp_path / "metrics.jsonl").symlink_to(target)
+    with pytest.raises(UsageError, match="symbolic link"):
+        MetricsLog(tmp_path / "metrics.jsonl", False)({"split": "train", "iteration": 1, "loss": 0.5})
+    assert not os.path.lexists(target) if dangling else target.read_text() == "precious\n"
+
+
+def test_metrics_fifo_is_refused_not_hung(tmp_path):
+    from mrml.errors import UsageError
+
+    os.mkfifo(tmp_path / "metrics.jsonl")
+    with pytest.raises(UsageError, match="not a regular file"):
+        ckpt.append_bytes(tmp_path / "metrics.jsonl", b"{}\n")
+
+
+def test_tensorboard_symlink_is_refused(tmp_path):
+    from mrml.errors import UsageError
+    from mrml.train import MetricsLog
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "tensorboard").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UsageError, match="link or not a folder"):
+        MetricsLog(tmp_path / "metrics.jsonl", True)
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["config.json", "final.json", "metrics.jsonl", "checkpoint.pt",
+                                  "metrics.jsonl.corrupt", "tensorboard"])
+def test_new_run_refuses_folder_with_run_file(tmp_path, capsys, name):
+    out = tmp_path / "run"
+    out.mkdir()
+    if name == "tensorboard":
+        (out / name).mkdir()
+    else:
+        (out / name).write_text("{}\n")
+    hint = "--resume" if name == "checkpoint.pt" else "another --out"
+    one_line(capsys, train(out, "--iterations", "1"), 2, str(out), name, hint)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == [name]
+    if name != "tensorboard":
+        assert (out / name).read_text() == "{}\n"
+
+
+def test_new_run_refuses_folder_with_a_symlinked_run_file(tmp_path, capsys):
+    target = victim(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "final.json").symlink_to(target)
+    one_line(capsys, train(out, "--iterations", "1"), 2, "final.json", "another --out")
+    assert target.read_text() == "precious\n"
+
+
+def test_new_run_refuses_finished_run_without_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2") == 0
+    (out / "checkpoint.pt").unlink()
+    before = snapshot(out)
+    capsys.readouterr()
+    one_line(capsys, train(out, "--iterations", "1"), 2, "config.json", "final.json", "metrics.jsonl", "another --out")
+    assert snapshot(out) == before
+
+
+def test_new_run_refuses_run_killed_before_first_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2") == 0
+    for name in ("checkpoint.pt", "final.json"):  # what a run killed before its first checkpoint lacks
+        (out / name).unlink()
+    before = snapshot(out)
+    capsys.readouterr()
+    one_line(capsys, train(out, "--iterations", "1"), 2, "config.json", "metrics.jsonl", "no checkpoint")
+    assert snapshot(out) == before
+
+
+def test_resume_without_checkpoint_says_how_to_start_afresh(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2") == 0
+    (out / "checkpoint.pt").unlink()
+    before = snapshot(out)
+    capsys.readouterr()
+    code = main(["train", "--resume", str(out), "--no-progress"])
+    one_line(capsys, code, 2, "before its first checkpoint", f"--config {out / 'config.json'}")
+    assert snapshot(out) == before
+    # the command it gives works
+    new = tmp_path / "again"
+    assert main(["train", "--config", str(out / "config.json"), "--out", str(new), "--no-progress"]) == 0
+    assert json.loads((new / "config.json").read_text())["iterations"] == 2
+
+
+def test_resume_of_an_empty_folder_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    one_line(capsys, main(["train", "--resume", str(out), "--no-progress"]), 2, "no checkpoint.pt", "mrml train run")
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "config.json", "final.json", "metrics.jsonl"])
+def test_export_refuses_to_write_over_a_run_file_even_with_force(tmp_path, capsys, name):
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert train(run, "--iterations", "1") == 0
+    assert train(other, "--iterations", "1") == 0
+    for folder in (run, other):  # its own run, and another run's folder
+        before = snapshot(folder)
+        capsys.readouterr()
+        one_line(capsys, main(["export", str(run), "--out", str(folder / name), "--force"]), 2,
+                 str(folder / name), "file of the run")
+        assert snapshot(folder) == before
+    assert main(["eval", str(run), "--episodes", "1"]) == 0
+    assert main(["train", "--resume", str(run), "--iterations", "2", "--no-progress"]) == 0
+
+
+def test_export_force_over_a_link_to_a_run_file_replaces_the_link(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "--iterations", "1") == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    link = tmp_path / "model.pt"
+    link.symlink_to(run / "checkpoint.pt")
+    assert main(["export", str(run), "--out", str(link), "--force"]) == 0
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert not link.is_symlink() and "format" not in torch.load(link, weights_only=True)
+
+
+FULL_DISK = {
+    "unexpected_pos": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4246"),
+    "stream_writer": RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing "
+                                  "file data/3: file write failed"),
+    "enospc": OSError(28, "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("case", list(FULL_DISK))
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch, case):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2") == 0
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise FULL_DISK[case]
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    capsys.readouterr()
+    code = main(["train", "--resume", str(out), "--iterations", "3", "--no-progress"])
+    one_line(capsys, code, 2, str(out / "checkpoint.pt"), "disk", "full")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint.pt.")]
+
+
+@pytest.mark.parametrize("case", list(FULL_DISK))
+def test_export_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch, case):
+    run = tmp_path / "run"
+    assert train(run, "--iterations", "1") == 0
+    (tmp_path / "model.pt").write_bytes(b"older export")
+
+    def full(obj, f):
+        raise FULL_DISK[case]
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    capsys.readouterr()
+    code = main(["export", str(run), "--out", str(tmp_path / "model.pt"), "--force"])
+    one_line(capsys, code, 2, "model.pt", "disk", "full")
+    assert (tmp_path / "model.pt").read_bytes() == b"older export"

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -304,29 +305,38 @@ def export_weights(run: LoadedRun, path: str | Path, trunk_only: bool = False, f
     """Write the trained weights as a plain state_dict (tensors only) that `torch.load(path, weights_only=True)` reads.
 
     Keys are the model's (`trunk_only`: the backbone's, without the head, loadable into
-    `build_model(...).backbone`). Written atomically; an existing file only with `force`.
+    `build_model(...).backbone`). Written atomically; an existing file only with `force`, and never a
+    file of a run (`checkpoint.pt`, `config.json`, `final.json`, `metrics.jsonl` beside a run's files).
     Returns what was written (file, tensors, parameters, backbone, width, input_shape, outputs, l2).
     """
-    from .checkpoint import atomic_write, write_error
+    from .checkpoint import atomic_write
 
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"--out {path} is a folder: give a file name, e.g. {path / 'model.pt'}")
-    if path.exists() and not force:
+    if _is_run_file(path):
+        raise UsageError(f"--out {path} is a file of the run in {path.parent}: export never writes over a run's "
+                         f"files (--force or not); choose another name, e.g. {path.parent / 'model.pt'}")
+    if os.path.lexists(path) and not force:
         raise UsageError(f"{path} already exists: pass --force to overwrite it, or choose another --out")
     if not path.parent.is_dir():
         raise UsageError(f"folder {path.parent} does not exist: create it or choose another --out")
     module = run.model.backbone if trunk_only else run.model
     state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-    try:
-        atomic_write(path, lambda f: torch.save(state, f))
-    except OSError as e:
-        raise write_error(path, e) from None
+    atomic_write(path, lambda f: torch.save(state, f))
     spec = run.spec
     return {"file": str(path), "tensors": len(state), "parameters": sum(p.numel() for p in module.parameters()),
             "trunk_only": trunk_only, "backbone": spec["backbone"], "width": spec.get("width"),
             "input_shape": list(spec["input_shape"]), "outputs": spec["outputs"], "l2": run.learned_l2,
             "iteration": run.iteration, "run_dir": str(run.run_dir)}
+
+
+def _is_run_file(path: Path) -> bool:
+    """Whether `path` names one of a run folder's files: a run file name in a folder that holds a run file
+    (a run's checkpoint.pt, config.json, final.json or metrics.jsonl, existing or still to be written)."""
+    from .checkpoint import RUN_FILES
+
+    return path.name in RUN_FILES and any(os.path.lexists(path.parent / name) for name in RUN_FILES)
 
 
 def cmd_export(ns: argparse.Namespace) -> int:

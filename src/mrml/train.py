@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,8 +27,8 @@ import torch
 
 from . import distributed, interrupts
 from .algorithms import MetaAlgorithm, build_algorithm
-from .checkpoint import (atomic_json, atomic_write, load_checkpoint, remove_stale_temps, save_checkpoint, strict_dumps,
-                         write_error)
+from .checkpoint import (RUN_FILES, append_bytes, atomic_json, atomic_write, load_checkpoint, remove_stale_temps,
+                         save_checkpoint, strict_dumps)
 from .config import RunConfig
 from .data.base import episode_rng
 from .data.registry import build_dataset
@@ -36,6 +38,8 @@ from .memory import PeakMemoryMeter
 from .models import build_model
 from .models.backbones import DEFAULT_WIDTH
 from .runlock import RunLock
+
+TENSORBOARD = "tensorboard"  # the folder of --tensorboard's event files, inside the run folder
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -140,19 +144,27 @@ def default_out(cfg: RunConfig) -> Path:
 
 
 def prepare_out(out: Path, resume: bool) -> RunLock:
-    """Create and lock the run folder; refuse to overwrite another run; fail early if it is not writable."""
+    """Create and lock the run folder; a new run refuses a folder holding any run file (a run killed before its
+    first checkpoint included) or a link where one goes; fail early if it is not writable."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)  # exclusive, never through a link
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable folder") from None
     lock = RunLock(out).acquire()
-    if not resume and (out / "checkpoint.pt").exists():
+    held = [name for name in (*RUN_FILES, "metrics.jsonl.corrupt", TENSORBOARD) if os.path.lexists(out / name)]
+    if not resume and held:
         lock.release()
-        raise UsageError(f"{out} already holds a run: continue it with `mrml train --resume {out}` or pick another --out")
-    remove_stale_temps(out, "checkpoint.pt")
+        found = ", ".join(held)
+        if "checkpoint.pt" in held:
+            raise UsageError(f"{out} already holds a run ({found}): continue it with `mrml train --resume {out}` "
+                             "or pick another --out")
+        raise UsageError(f"{out} already holds files a run writes ({found}; no checkpoint to --resume from): "
+                         "pick another --out, or move them away to start afresh there")
+    for name in RUN_FILES:
+        remove_stale_temps(out, name)
     return lock
 
 
@@ -163,18 +175,18 @@ class MetricsLog:
         self.path = path
         self.writer = None
         if tensorboard:
+            logs = path.parent / TENSORBOARD
+            if logs.is_symlink() or (logs.exists() and not logs.is_dir()):
+                raise UsageError(f"{logs} is a link or not a folder: mrml writes TensorBoard logs only into a real "
+                                 "folder of the run; remove it, then continue")
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+            self.writer = SummaryWriter(str(logs))
 
     def __call__(self, record: dict[str, Any]) -> None:
-        try:
-            with open(self.path, "a") as f:
-                f.write(strict_dumps(record) + "\n")
-        except OSError as e:
-            raise write_error(self.path, e) from None
+        append_bytes(self.path, (strict_dumps(record) + "\n").encode())
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("iteration", "split"):
@@ -461,13 +473,15 @@ def _read_records(path: Path) -> tuple[list[bytes], list[bytes]]:
 def _truncate_metrics(path: Path, iteration: int, stream: Any = None) -> None:
     """Drop records logged after the checkpoint a resumed run starts from (they will be redone); lines that
     are cut off (a full disk, a kill mid-append) or undecodable go to metrics.jsonl.corrupt, reported in one line."""
+    if path.is_symlink():  # its lines would be read from, and set aside out of, a file outside the run
+        raise UsageError(f"{path} is a symbolic link: mrml neither reads nor writes run files through links; "
+                         "put the file itself there (or remove it), then continue")
     if not path.exists():
         return
     good, bad = _read_records(path)
     if bad:
         corrupt = path.with_name(path.name + ".corrupt")
-        with open(corrupt, "ab") as f:
-            f.write(b"".join(line + b"\n" for line in bad))
+        append_bytes(corrupt, b"".join(line + b"\n" for line in bad))
         print(f"warning: set aside {len(bad)} unreadable line(s) of {path} in {corrupt}", file=stream or sys.stderr)
     keep = [line for line in good if json.loads(line)["iteration"] <= iteration]
     atomic_write(path, lambda f: f.write(b"".join(line + b"\n" for line in keep)))
