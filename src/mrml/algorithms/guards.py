@@ -121,14 +121,20 @@ def check_classes(algo: "MetaAlgorithm", i: int | None, ep: Episode, task_id: An
                          "task needs at least 2 classes (ways >= 2)")
 
 
-def nonfinite_parts(ep: Episode) -> list[str]:
-    """The parts of `ep` (support_x, support_y, query_x, query_y) holding a NaN or infinite value (syncs)."""
-    out = []
+def finite_flags(ep: Episode) -> dict[str, torch.Tensor]:
+    """Per part of `ep` holding floating-point tensors (support_x, support_y, query_x, query_y): a 0-dim
+    bool tensor, all its values finite (no sync)."""
+    out = {}
     for part in ("support_x", "support_y", "query_x", "query_y"):
-        ts = [t for t in pytree.leaves(getattr(ep, part)) if t.is_floating_point() or t.is_complex()]
-        if ts and not bool(torch.stack([torch.isfinite(t).all() for t in ts]).all()):
-            out.append(part)
+        flag = all_finite([t for t in pytree.leaves(getattr(ep, part)) if t.is_floating_point() or t.is_complex()])
+        if flag is not None:
+            out[part] = flag
     return out
+
+
+def nonfinite_parts(ep: Episode) -> list[str]:
+    """The parts of `ep` holding a NaN or infinite value (syncs)."""
+    return [part for part, flag in finite_flags(ep).items() if not bool(flag)]
 
 
 def check_input_finite(i: int | None, ep: Episode, task_id: Any = None) -> None:
@@ -145,8 +151,10 @@ def check_episode(algo: "MetaAlgorithm", ep: Any, what: str = "evaluate") -> Non
         raise UsageError(f"{what} takes one Episode (got {type(ep).__name__}): call it once per episode; {_HOW}")
     _set_size(None, ep, "support")
     _set_size(None, ep, "query")
-    check_classes(algo, None, ep)
-    check_input_finite(None, ep)
+    flags = [f for f in (two_classes(algo, ep), *finite_flags(ep).values()) if f is not None]
+    if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+        check_classes(algo, None, ep)
+        check_input_finite(None, ep)
 
 
 def all_finite(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
