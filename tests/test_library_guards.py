@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,7 +153,8 @@ def test_nonfinite_step_drops_the_warm_starts_of_its_tasks(name):
     bad.support_x[0, 0] = NAN
     with pytest.raises(NonFiniteError, match="task id 'b'"):
         algo.meta_gradient([episode(0), bad], task_ids=["a", "b"])
-    assert set(algo._warm) == set()
+    assert set(algo._warm) == {"a"}  # a's solve is finite and kept; b's is dropped
+    assert all(torch.isfinite(t).all() for t in [*algo._warm["a"][0].values(), algo._warm["a"][1]])
 
 
 def test_check_finite_false_leaves_the_check_to_the_caller():
@@ -198,6 +200,14 @@ def test_bare_episode_instead_of_a_list_is_one_line(name):
     with pytest.raises(UsageError) as e:
         algo.meta_gradient(episode(0))
     assert one_line(e) == "meta_gradient takes a list of episodes (got one Episode): pass [episode]"
+
+
+def test_task_ids_not_a_list_is_one_line():
+    algo, _ = learner("mrml")
+    with pytest.raises(UsageError, match=r"task_ids must be a list with one id per episode \(got int\)") as e:
+        algo.meta_gradient([episode(0)], task_ids=3)
+    one_line(e)
+    algo.meta_gradient([episode(0), episode(1)], task_ids=np.array([4, 5]))  # any sequence of ids
 
 
 def test_list_item_not_an_episode_is_one_line():

@@ -9,7 +9,7 @@ one to name the offending one.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -91,12 +91,16 @@ def check_episodes(episodes: Any, task_ids: Any = None, what: str = "meta_gradie
         _set_size(i, ep, "query")
     if task_ids is None:
         return [None] * len(episodes)
-    if isinstance(task_ids, (str, bytes)) or not isinstance(task_ids, Sequence):
+    try:
+        ids = None if isinstance(task_ids, (str, bytes, dict)) else list(task_ids)
+    except TypeError:
+        ids = None
+    if ids is None:
         raise UsageError(f"{what}: task_ids must be a list with one id per episode (got {type(task_ids).__name__})")
-    if len(task_ids) != len(episodes):
-        raise UsageError(f"{what}: task_ids holds {len(task_ids)} ids for {len(episodes)} episodes: give one id per "
+    if len(ids) != len(episodes):
+        raise UsageError(f"{what}: task_ids holds {len(ids)} ids for {len(episodes)} episodes: give one id per "
                          "episode, in the same order (or None)")
-    return list(task_ids)
+    return ids
 
 
 def _class_labels(algo: "MetaAlgorithm", ep: Episode) -> torch.Tensor | None:

@@ -54,6 +54,7 @@ from ..implicit import CGInfo
 from ..models.split import Params
 from ..pytree import detach
 from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached
+from .guards import all_finite
 from .linear_head import LinearHeadLoss
 
 
@@ -118,8 +119,8 @@ class MRML(MetaAlgorithm):
 
         Args:
             episodes, task_ids, scale, accumulate, check_finite: as for `MetaAlgorithm.meta_gradient`
-                (the same checks and errors, on both paths; on a NonFiniteError the warm starts of
-                `task_ids` are dropped as well).
+                (the same checks and errors, on both paths; on a NonFiniteError the warm starts holding
+                non-finite values are dropped as well).
 
         Returns:
             `StepStats` averaged over the tasks: query loss and accuracy at the solved inner part, and in
@@ -147,9 +148,8 @@ class MRML(MetaAlgorithm):
                 return batched_meta_gradient(self, episodes, task_ids, scale, accumulate=accumulate,
                                              check_finite=check_finite)
             return super().meta_gradient(episodes, task_ids, scale, accumulate=accumulate, check_finite=check_finite)
-        except NonFiniteError:
-            for t in (task_ids or ()) if self.config.warm_start else ():  # may hold the non-finite solve
-                self._warm.pop(t, None)
+        except NonFiniteError:  # keep no warm start that holds the non-finite solve
+            self._warm = {t: (y, v) for t, (y, v) in self._warm.items() if bool(all_finite([*y.values(), v]))}
             raise
 
     # -- f as the functional core takes it (g: `MetaAlgorithm.inner_objective`) -------------------
