@@ -10,6 +10,7 @@ tuples of tensors).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,14 +43,21 @@ def conjugate_gradient(
 
     Stops a row when ||r|| <= tol * max(||b||, tiny). A direction with p'Ap <= 0 means A is not
     positive definite there: that row keeps its current iterate and is reported, never divided by.
+    A row whose b, residual or p'Ap is not finite (NaN or inf in b or from `matvec`) stops too and is
+    not converged: `converged` is True only when every row's relative residual is finite and <= tol.
 
     Args:
         matvec: v -> A v on flat vectors (with the leading batch dimensions of `b`, row by row).
         b: right-hand side, (n,) or (..., n) rows solved independently.
-        max_iter: most CG steps.  tol: relative residual at which a row stops.  x0: starting point.
+        max_iter: most CG steps.  tol: relative residual at which a row stops (finite, >= 0).
+        x0: starting point.
 
     Returns:
-        (x, info): the solution shaped as b, and `CGInfo` (iterations, worst relative residual, ...).
+        (x, info): the solution shaped as b, and `CGInfo` (iterations, worst relative residual -- NaN when a
+        row's is --, ...).
+
+    Raises:
+        UsageError: tol not a finite number >= 0.
 
     Example:
         >>> import torch
@@ -58,6 +66,12 @@ def conjugate_gradient(
         >>> x, info.iterations, info.converged
         (tensor([0.0909, 0.6364], dtype=torch.float64), 2, True)
     """
+    try:
+        ok = not isinstance(tol, bool) and math.isfinite(float(tol)) and float(tol) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UsageError(f"conjugate gradient: tol must be a finite number >= 0 (got {tol!r})")
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - matvec(x) if x0 is not None else b.clone()
     p = r.clone()
@@ -72,8 +86,9 @@ def conjugate_gradient(
         ap = matvec(p)
         pap = (p * ap).sum(-1, keepdim=True)
         curv_ok = pap > torch.finfo(b.dtype).eps * (p * p).sum(-1, keepdim=True)
-        bad = bad | (active & ~curv_ok)
-        active = active & curv_ok
+        finite = torch.isfinite(pap)  # a NaN/inf product stops the row (not converged), not a curvature report
+        bad = bad | (active & ~curv_ok & finite)
+        active = active & curv_ok & finite
         alpha = torch.where(active, rs / torch.where(curv_ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
         x = x + alpha * p
         r = r - alpha * ap
@@ -85,7 +100,8 @@ def conjugate_gradient(
         it += 1
     row_residual = (rs.sqrt() / bnorm).squeeze(-1)
     rows = {"iterations": iters, "residual": row_residual, "bad": bad.squeeze(-1)}
-    converged = not bool(active.any()) and not bool(bad.any())
+    done = torch.isfinite(rs) & (rs.sqrt() <= tol * bnorm)  # False for NaN rows, which stop without converging
+    converged = bool(done.all()) and not bool(bad.any())
     return x, CGInfo(it, float(row_residual.max()), converged, int(bad.sum()), rows)
 
 
@@ -133,7 +149,7 @@ class CGSolve:
 
     def __init__(self, steps: int = 20, tol: float = 1e-10, ridge: float | None = None, init: Any = None,
                  is_sdp: bool = True):
-        if not (isinstance(steps, int) and steps >= 1) or not tol > 0:
+        if not (isinstance(steps, int) and steps >= 1) or not (tol > 0 and math.isfinite(tol)):
             raise UsageError(f"cg_solver needs steps >= 1 and tol > 0 (got steps={steps!r}, tol={tol!r})")
         if ridge is not None and not ridge >= 0:
             raise UsageError(f"cg_solver: ridge must be >= 0 (got {ridge!r})")

@@ -369,7 +369,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
             logged = (it + 1) % cfg.log_every == 0 or it == 0  # not on resuming: the log matches an unbroken run
             meter = PeakMemoryMeter(run.device) if logged else None
             with meter if meter is not None else contextlib.nullcontext():
-                stats = run.algo.meta_gradient(eps, scale=1.0 / cfg.meta_batch)
+                stats = run.algo.meta_gradient(eps, scale=1.0 / cfg.meta_batch, check_finite=False)  # checked below
                 stats = distributed.all_reduce_step(ctx, params, stats, len(shard), run.device)
                 finite = math.isfinite(stats.loss) and _all_finite([p.grad for p in params if p.grad is not None])
                 if finite:

@@ -26,6 +26,7 @@ from ..errors import UsageError
 from ..models.modes import evaluation_modes
 from ..models.split import ModelSplit, Params, split_model
 from .algo_config import IMPLICIT_SYSTEMS, INNER_SOLVERS, AlgoConfig  # noqa: F401 (re-exported)
+from .guards import FiniteWatch, check_episode, check_episodes
 from .inner import InnerInfo, newton_head
 from .linear_head import HeadLayout, LinearHeadLoss, closed_form_head
 from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
@@ -294,7 +295,8 @@ class MetaAlgorithm(abc.ABC):
 
     # -- the entry points ----------------------------------------------------------------------
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
-                      scale: float | None = None, *, accumulate: bool = False) -> StepStats:
+                      scale: float | None = None, *, accumulate: bool = False,
+                      check_finite: bool = True) -> StepStats:
         """Set `.grad` of the outer parameters to the mean meta-gradient over `episodes`.
 
         Args:
@@ -304,9 +306,19 @@ class MetaAlgorithm(abc.ABC):
                 split across processes, or a part of one accumulated over calls).
             accumulate: add into the existing `.grad` instead of replacing it (gradient accumulation
                 over several calls before one optimizer step).
+            check_finite: raise on a non-finite query loss or gradient, or a classification support set
+                with fewer than 2 classes, read with one host synchronisation at the end of the call
+                (`mrml.algorithms.guards.FiniteWatch`); False leaves that to the caller (`mrml train`
+                checks the reduced gradient itself).
 
         Returns:
             The statistics averaged over the tasks (query loss, accuracy, solver figures).
+
+        Raises:
+            UsageError: not a non-empty list of well-formed episodes (`guards.check_episodes`), task_ids
+                not one per episode, or a classification support set holding fewer than 2 classes.
+            NonFiniteError: a non-finite query loss or gradient, naming the first such episode (its index
+                in `episodes`, and its task id); `.grad` is then cleared (None), accumulated part included.
 
         Example:
             >>> import torch
@@ -325,17 +337,27 @@ class MetaAlgorithm(abc.ABC):
             >>> torch.allclose(summed, model[0].weight.grad)
             True
         """
-        scale, ids = self.begin_step(episodes, task_ids, scale, accumulate)
-        return mean_stats([self.task_gradient(ep, scale, tid) for ep, tid in zip(episodes, ids)])
+        scale, ids, watch = self.begin_step(episodes, task_ids, scale, accumulate, check_finite)
+        per_task = []
+        for i, (ep, tid) in enumerate(zip(episodes, ids)):
+            per_task.append(self.task_gradient(ep, scale, tid))
+            if watch is not None:
+                watch.done([i])
+        if watch is not None:
+            watch.check(per_task)
+        return mean_stats(per_task)
 
     def begin_step(self, episodes: list[Episode], task_ids: list[Any] | None, scale: float | None,
-                   accumulate: bool) -> tuple[float, list[Any]]:
-        """What every `meta_gradient` path does first: `.grad` zeroed unless `accumulate`; returns the
-        per-task scale (1/len(episodes) unless given) and the task ids (None each unless given)."""
+                   accumulate: bool, check_finite: bool = True) -> tuple[float, list[Any], FiniteWatch | None]:
+        """What every `meta_gradient` path does first: the episodes and ids checked (`check_episodes`),
+        `.grad` zeroed unless `accumulate`; returns the per-task scale (1/len(episodes) unless given), the
+        task ids (None each unless given) and the step's `FiniteWatch` (None unless `check_finite`)."""
+        ids = check_episodes(episodes, task_ids)
+        watch = FiniteWatch(self, episodes, ids, accumulate) if check_finite else None
         if not accumulate:
             self.zero_grad()
         scale = 1.0 / len(episodes) if scale is None else scale
-        return scale, list(task_ids) if task_ids is not None else [None] * len(episodes)
+        return scale, ids, watch
 
     @abc.abstractmethod
     def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
@@ -426,6 +448,10 @@ class MetaAlgorithm(abc.ABC):
         Returns:
             `StepStats` with the query loss and accuracy (None where the loss has none); `extra` empty.
 
+        Raises:
+            UsageError: `ep` is not a well-formed Episode, or a classification support set holds fewer
+                than 2 classes. NonFiniteError: `ep` holds NaN or infinite values.
+
         Example:
             >>> import torch
             >>> from torch import nn
@@ -439,6 +465,7 @@ class MetaAlgorithm(abc.ABC):
             >>> round(stats.loss, 2), round(stats.accuracy, 2), stats.extra
             (1.26, 0.17, {})
         """
+        check_episode(self, ep)
         pred = self.adapt(ep)
         return StepStats(float(self.loss(pred, ep.query_y)), self.loss.accuracy(pred, ep.query_y))
 

@@ -233,23 +233,33 @@ class TaskBatched:
                 cfg.extra.get("trunk_batching", "grouped"))
 
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
-                      scale: float | None = None, chunk: int | None = None, accumulate: bool = False) -> StepStats:
+                      scale: float | None = None, chunk: int | None = None, accumulate: bool = False,
+                      check_finite: bool = True) -> StepStats:
         algo = self.algo
         if _has_running_stats(algo.model):
             if not self.warned:
                 warnings.warn("the model has batch norm updating running statistics (per-task updates cannot be "
                               "batched): using the per-task loop", stacklevel=3)
                 self.warned = True
-            return MetaAlgorithm.meta_gradient(algo, episodes, task_ids, scale, accumulate=accumulate)
-        scale, ids = algo.begin_step(episodes, task_ids, scale, accumulate)
+            return MetaAlgorithm.meta_gradient(algo, episodes, task_ids, scale, accumulate=accumulate,
+                                               check_finite=check_finite)
+        scale, ids, watch = algo.begin_step(episodes, task_ids, scale, accumulate, check_finite)
         size = max(1, int(chunk if chunk is not None else algo.config.task_chunk))
         per_task: list[StepStats] = []
         for idx in chunks(episodes, size):
-            per_task += self.chunk_gradient([episodes[i] for i in idx], [ids[i] for i in idx], scale)
+            rows: list[torch.Tensor] = []
+            per_task += self.chunk_gradient([episodes[i] for i in idx], [ids[i] for i in idx], scale, rows)
+            if watch is not None:
+                watch.done(idx, rows[0])
+        if watch is not None:
+            watch.check(per_task)
         return mean_stats(per_task)
 
-    def chunk_gradient(self, eps: list[Episode], ids: list[Any], scale: float) -> list[StepStats]:
-        """Accumulate scale x the hypergradient of each task of `eps` (equal shapes) into `.grad`."""
+    def chunk_gradient(self, eps: list[Episode], ids: list[Any], scale: float,
+                       finite_rows: list[torch.Tensor] | None = None) -> list[StepStats]:
+        """Accumulate scale x the hypergradient of each task of `eps` (equal shapes) into `.grad`; appends
+        to `finite_rows` a (len(eps),) bool tensor: each task's inner solution and linear-system solution
+        finite (no sync)."""
         algo, cfg, split = self.algo, self.algo.config, self.algo.split
         sx, qx = pytree.stack([ep.support_x for ep in eps]), pytree.stack([ep.query_x for ep in eps])
         sy, qy = torch.stack([ep.support_y for ep in eps]), torch.stack([ep.query_y for ep in eps])
@@ -259,7 +269,7 @@ class TaskBatched:
         # trunk once per image set, with gradient, all tasks of the chunk at once
         fs, fq = self.trunk(sx, dtype), self.trunk(qx, dtype)
         if algo.exact_head:  # the default form: the per-task loop's code on the chunk (exact_head)
-            return algo.exact_head_gradient(fs, fq, sy, qy, ids, scale)
+            return algo.exact_head_gradient(fs, fq, sy, qy, ids, scale, finite_rows)
         xa = split.adapt_outer()
         xa_d = detached(xa)
 
@@ -285,6 +295,8 @@ class TaskBatched:
         (scale * surrogate).backward()
 
         v = fn.flatten(info.v, batched=True)
+        if finite_rows is not None:
+            finite_rows.append(torch.isfinite(v).all(-1) & torch.isfinite(fn.flatten(y, batched=True)).all(-1))
         if cfg.warm_start:
             for c, t in enumerate(ids):
                 if t is not None:
@@ -307,11 +319,12 @@ class TaskBatched:
 
 def batched_meta_gradient(algo: "MRML", episodes: list[Episode], task_ids: list[Any] | None = None,
                           scale: float | None = None, chunk: int | None = None, *,
-                          accumulate: bool = False) -> StepStats:
+                          accumulate: bool = False, check_finite: bool = True) -> StepStats:
     """`MRML.meta_gradient` in chunks of `chunk` (default `config.task_chunk`) tasks; see the module docstring.
-    `accumulate=True` adds to the existing `.grad` instead of zeroing it first."""
+    `accumulate=True` adds to the existing `.grad` instead of zeroing it first; `check_finite` as for
+    `MetaAlgorithm.meta_gradient` (one host synchronisation per call, per-task flags within a chunk)."""
     runner = getattr(algo, "_task_batched", None)
     if runner is None or runner.signature != TaskBatched.settings(algo.config):
         runner = TaskBatched(algo)
         algo._task_batched = runner  # type: ignore[attr-defined]
-    return runner.meta_gradient(episodes, task_ids, scale, chunk, accumulate)
+    return runner.meta_gradient(episodes, task_ids, scale, chunk, accumulate, check_finite)

@@ -42,18 +42,20 @@ linear head (the exact Newton solve, `direct`) take the place of the autograd on
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from .. import functional as fn
 from ..data.base import Episode
-from ..errors import UsageError
+from ..errors import NonFiniteError, UsageError
 from ..implicit import CGInfo
 from ..models.split import Params
 from ..pytree import detach
 from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached
 from .exact_head import head_step, step_records
+from .guards import all_finite
 from .linear_head import LinearHeadLoss
 
 
@@ -113,13 +115,16 @@ class MRML(MetaAlgorithm):
         self.newton_hint: int | None = None
 
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
-                      scale: float | None = None, *, accumulate: bool = False) -> StepStats:
+                      scale: float | None = None, *, accumulate: bool = False,
+                      check_finite: bool = True) -> StepStats:
         """Set (or, `accumulate=True`, add to) `.grad` of the outer parameters: the mean implicit
         hypergradient over `episodes`, and a learned lambda's gradient. Task-batched
         (`mrml.algorithms.batched`) when `task_chunk` > 1, amp or compile.
 
         Args:
-            episodes, task_ids, scale, accumulate: as for `MetaAlgorithm.meta_gradient`.
+            episodes, task_ids, scale, accumulate, check_finite: as for `MetaAlgorithm.meta_gradient`
+                (the same checks and errors, on both paths; on a NonFiniteError the warm starts holding
+                non-finite values are dropped as well).
 
         Returns:
             `StepStats` averaged over the tasks: query loss and accuracy at the solved inner part, and in
@@ -140,11 +145,16 @@ class MRML(MetaAlgorithm):
             >>> model[0].weight.grad.shape, stats.extra["cg_residual"] < 1e-6
             (torch.Size([8, 4]), True)
         """
-        if self.config.batched:
-            from .batched import batched_meta_gradient
+        try:
+            if self.config.batched:
+                from .batched import batched_meta_gradient
 
-            return batched_meta_gradient(self, episodes, task_ids, scale, accumulate=accumulate)
-        return super().meta_gradient(episodes, task_ids, scale, accumulate=accumulate)
+                return batched_meta_gradient(self, episodes, task_ids, scale, accumulate=accumulate,
+                                             check_finite=check_finite)
+            return super().meta_gradient(episodes, task_ids, scale, accumulate=accumulate, check_finite=check_finite)
+        except NonFiniteError:  # keep no warm start that holds the non-finite solve
+            self._warm = {t: (y, v) for t, (y, v) in self._warm.items() if bool(all_finite([*y.values(), v]))}
+            raise
 
     # -- f as the functional core takes it (g: `MetaAlgorithm.inner_objective`) -------------------
     def outer_objective(self, x: Params, y: Params, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,9 +176,9 @@ class MRML(MetaAlgorithm):
             a = problem.weights(w)
             v = problem.solve(w, b, a)
             resid = (problem.hvp(w, v, a) - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny)
-            zero = torch.zeros((), dtype=torch.long)
-            return self.head.to_flat(v), CGInfo(0, float(resid), True, 0, {"iterations": zero, "residual": resid,
-                                                                             "bad": zero.bool()})
+            zero, r = torch.zeros((), dtype=torch.long), float(resid)
+            return self.head.to_flat(v), CGInfo(0, r, math.isfinite(r), 0, {"iterations": zero, "residual": resid,
+                                                                              "bad": zero.bool()})
         hvp = fn.hessian_vector_product(self.inner_objective, xa, y, (fs, ys, centre, None))
         lr, k = self.last_inner_lr, cfg.inner_steps
         damping = max(0.0, 1.0 / (lr * max(k, 1)) - self.l2) if cfg.implicit == "damped" else None
@@ -210,11 +220,15 @@ class MRML(MetaAlgorithm):
                                 for w in warm])
 
     def exact_head_gradient(self, fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor, qy: torch.Tensor,
-                            ids: list[Any], scale: float) -> list[StepStats]:
+                            ids: list[Any], scale: float, finite_rows: list[torch.Tensor] | None = None
+                            ) -> list[StepStats]:
         """The default form on T stacked tasks (`exact_head.head_step`): the per-task loop calls it with
-        T = 1, the task-batched path with a chunk; statistics from one host read."""
+        T = 1, the task-batched path with a chunk; statistics from one host read. Appends to
+        `finite_rows` a (T,) bool tensor: each task's head and system solution finite (no sync)."""
         w0, v0 = self.warm_heads(ids)
         step = head_step(self, fs, fq, sy, qy, w0, scale, v0)
+        if finite_rows is not None:
+            finite_rows.append(torch.isfinite(step.w).all((1, 2)) & torch.isfinite(step.v).all((1, 2)))
         if self.config.warm_start:
             for c, t in enumerate(ids):
                 if t is not None:

@@ -152,8 +152,15 @@ class FewShotDataset:
         """Raise a one-line UsageError when the episode shape is impossible for this split."""
         if split not in self.splits:
             raise UsageError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+        if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in (ways, shots, query)):
+            raise UsageError(f"ways, shots and query must be integers (got ways={ways!r}, shots={shots!r}, "
+                             f"query={query!r})")
         if ways < 1 or shots < 1 or query < 1:
-            raise UsageError(f"ways, shots and query must be >= 1 (got ways={ways}, shots={shots}, query={query})")
+            raise UsageError(f"ways, shots and query must be >= 1 (got ways={ways}, shots={shots}, query={query}): "
+                             "an episode needs a non-empty support and query set")
+        if self.kind == "classification" and ways < 2:
+            raise UsageError(f"classification episodes need ways >= 2 (got {ways}): with one class every prediction "
+                             "is right; use --ways 2 or more")
         part = self.splits[split]
         if ways > part.num_classes:
             raise UsageError(
@@ -168,12 +175,13 @@ class FewShotDataset:
             )
 
     def episode(self, split: str, ways: int, shots: int, query: int, rng: np.random.Generator) -> Episode:
-        """Draw N classes, then K support and Q query images per class; labels are 0..N-1 in draw order."""
+        """Draw N classes, then K support and Q query images per class; labels are 0..N-1 in draw order.
+        An impossible shape (`check_episode`: shots or query < 1, ways < 2, too few classes or images) is a
+        one-line UsageError."""
+        self.check_episode(split, ways, shots, query)  # cheap: the eligible classes are cached per size
         part = self.splits[split]
         need = shots + query
         eligible = self.eligible(split, need)
-        if len(eligible) < ways:
-            self.check_episode(split, ways, shots, query)
         classes = rng.choice(eligible, size=ways, replace=False)
         sx, qx = [], []
         for c in classes:
