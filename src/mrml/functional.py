@@ -395,11 +395,12 @@ def direct_solve(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tens
     bnorm = rhs.norm(dim=-1).clamp_min(torch.finfo(rhs.dtype).tiny)
     resid = ((a @ v.unsqueeze(-1)).squeeze(-1) - rhs).norm(dim=-1) / bnorm
     resid = torch.where(torch.isfinite(v).all(-1), resid, torch.full_like(resid, float("nan")))
+    bad = ~spd & torch.isfinite(a).flatten(-2).all(-1)  # not positive definite (a NaN matrix is reported as such)
     bound = max(tol, torch.finfo(rhs.dtype).eps ** 0.5)
     rows = {"iterations": torch.zeros(rhs.shape[:-1], dtype=torch.long, device=rhs.device), "residual": resid,
-            "bad": ~spd}
-    worst, ok, bad = (t.item() for t in (resid.max(), (resid <= bound).all(), (~spd).sum()))
-    return v, CGInfo(0, float(worst), bool(ok), int(bad), rows)
+            "bad": bad}
+    worst, ok, n_bad = torch.stack([resid.max().double(), (resid <= bound).all().double(), bad.sum().double()]).tolist()
+    return v, CGInfo(0, worst, bool(ok), int(n_bad), rows)
 
 
 def implicit_solve(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
