@@ -502,14 +502,14 @@ def test_hypergradient_accepts_tuples():
     frozen = torch.ones(2, dtype=D64)
 
     def to_dicts(xt, yt):
-        return {"log_pen": xt[0]}, {"W1": yt["first"][0], "b1": yt["first"][1], "w2": yt["w2"]}
+        return {"log_pen": xt[0]}, {"W1": yt["first"][0], "b1": yt["first"][1][0], "w2": yt["w2"]}
 
     g_t = lambda xt, yt, b: g(*to_dicts(xt, yt), b) + 0.0 * xt[1].sum()  # noqa: E731
     f_t = lambda xt, yt, b: f(*to_dicts(xt, yt), b)  # noqa: E731
     xt = (x["log_pen"], frozen)
-    y0t = {"first": (y0["W1"], [y0["b1"]][0]), "w2": y0["w2"]}
+    y0t = {"first": (y0["W1"], [y0["b1"]]), "w2": y0["w2"]}
     yt, inner = solve_inner(g_t, xt, y0t, inner_b)
-    assert isinstance(yt["first"], tuple) and inner.converged
+    assert isinstance(yt["first"], tuple) and isinstance(yt["first"][1], list) and inner.converged
     torch.testing.assert_close(yt["w2"], y["w2"], rtol=0, atol=0)
     grads_t, info_t = hypergradient(g_t, f_t, xt, yt, inner_batch=inner_b, outer_batch=outer_b)
     assert isinstance(grads_t, tuple) and len(grads_t) == 2 and grads_t[1] is None
