@@ -3,6 +3,8 @@ closed forms and the independent reference, the surrogate, batched tasks, torcho
 tensor trees, and the classes (MRML per task and task-batched) equal to the functions they call."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,8 @@ from mrml import cg_solver, hypergradient, solve_inner
 from mrml.algorithms import MRML, AlgoConfig
 from mrml.data.base import Episode
 from mrml.errors import UsageError
-from mrml.functional import descend, descend_tasks, flatten, inner_value_and_grad
+from mrml.functional import (HypergradientError, HypergradientWarning, default_tol, descend, descend_tasks, flatten,
+                             implicit_solve, inner_value_and_grad)
 from mrml.reference import exact_hypergradient
 from ridge import inner_solution, ridge_model, ridge_tasks, true_hypergradient
 
@@ -54,8 +57,9 @@ def test_hypergradient_equals_closed_form_at_exact_inner_solution(implicit):
     assert float(info.outer_loss) == pytest.approx(float(ridge_f(x, y, (ep.query_x, ep.query_y))), rel=1e-14)
     assert set(info.stats()) >= {"outer_loss", "cg_iterations", "cg_residual", "nonpositive_curvature"}
     # a wrong v (one CG step) gives a different answer: the comparison can fail
-    bad, _ = hypergradient(ridge_g, ridge_f, x, y, inner_batch=(ep.support_x, ep.support_y),
-                           outer_batch=(ep.query_x, ep.query_y), cg_steps=1)
+    with pytest.warns(HypergradientWarning, match="did not converge"):
+        bad, _ = hypergradient(ridge_g, ridge_f, x, y, inner_batch=(ep.support_x, ep.support_y),
+                               outer_batch=(ep.query_x, ep.query_y), cg_steps=1)
     assert float((bad["x"] - ref).norm()) > 1e-3 * float(ref.norm())
 
 
@@ -112,8 +116,9 @@ def test_hypergradient_equals_reference_on_a_network():
 
 def test_surrogate_backward_equals_returned_grads():
     x, (ep,) = ridge_x(2), ridge_tasks(1, seed=2)
-    y, _ = solve_inner(ridge_g, x, {"y": torch.zeros(4, dtype=D64)}, (ep.support_x, ep.support_y), steps=5, lr=0.05)
-    kw = dict(inner_batch=(ep.support_x, ep.support_y), outer_batch=(ep.query_x, ep.query_y), cg_steps=4)
+    y, _ = solve_inner(ridge_g, x, {"y": torch.zeros(4, dtype=D64)}, (ep.support_x, ep.support_y), solver="gd",
+                       steps=5, lr=0.05)
+    kw = dict(inner_batch=(ep.support_x, ep.support_y), outer_batch=(ep.query_x, ep.query_y), cg_steps=4, check=False)
     grads, _ = hypergradient(ridge_g, ridge_f, x, y, **kw)
     surrogate, info = hypergradient(ridge_g, ridge_f, x, y, return_surrogate=True, **kw)
     assert surrogate.dim() == 0
@@ -140,17 +145,18 @@ def test_batched_tasks_equal_per_task():
     sb = (torch.stack([t.support_x for t in tasks]), torch.stack([t.support_y for t in tasks]))
     qb = (torch.stack([t.query_x for t in tasks]), torch.stack([t.query_y for t in tasks]))
     y0 = {"y": torch.zeros(3, 4, dtype=D64)}
-    yb, inner = solve_inner(stacked(ridge_g), x, y0, sb, steps=k, lr=lr, batched=True)
+    yb, inner = solve_inner(stacked(ridge_g), x, y0, sb, solver="gd", steps=k, lr=lr, batched=True)
     grads_b, info_b = hypergradient(stacked(ridge_g), stacked(ridge_f), x, yb, inner_batch=sb, outer_batch=qb,
-                                    cg_steps=30, cg_tol=1e-13, batched=True)
+                                    cg_steps=30, cg_tol=1e-13, batched=True, check=False)
     total = torch.zeros_like(x["x"])
     lrs = []
     for c, ep in enumerate(tasks):
-        y, one = solve_inner(ridge_g, x, {"y": torch.zeros(4, dtype=D64)}, (ep.support_x, ep.support_y), steps=k, lr=lr)
+        y, one = solve_inner(ridge_g, x, {"y": torch.zeros(4, dtype=D64)}, (ep.support_x, ep.support_y), solver="gd",
+                             steps=k, lr=lr)
         lrs.append(one.lr)
         torch.testing.assert_close(yb["y"][c], y["y"], rtol=1e-12, atol=1e-14)
         grads, info = hypergradient(ridge_g, ridge_f, x, y, inner_batch=(ep.support_x, ep.support_y),
-                                    outer_batch=(ep.query_x, ep.query_y), cg_steps=30, cg_tol=1e-13)
+                                    outer_batch=(ep.query_x, ep.query_y), cg_steps=30, cg_tol=1e-13, check=False)
         torch.testing.assert_close(info_b.v["y"][c], info.v["y"], rtol=1e-10, atol=1e-13)
         total += grads["x"]
     assert inner.rows["lr"].tolist() == lrs and min(lrs) < lr  # the guard acted, decided per task
@@ -252,9 +258,9 @@ def test_mrml_per_task_equals_functional_core():
 
     total, losses = torch.zeros_like(w), []
     for ep in tasks:
-        y, inner = solve_inner(g, x, y0, (ep.support_x, ep.support_y), steps=k, lr=lr)
+        y, inner = solve_inner(g, x, y0, (ep.support_x, ep.support_y), solver="gd", steps=k, lr=lr)
         grads, info = hypergradient(g, f, x, y, inner_batch=(ep.support_x, ep.support_y),
-                                    outer_batch=(ep.query_x, ep.query_y), cg_steps=n)
+                                    outer_batch=(ep.query_x, ep.query_y), cg_steps=n, check=False)
         total += grads["weight"] / len(tasks)
         losses.append(float(info.outer_loss))
     torch.testing.assert_close(model[0].weight.grad, total, rtol=1e-12, atol=1e-15)
@@ -338,3 +344,244 @@ def test_a_solve_callable_is_refused_for_stacked_tasks():
         hypergradient(g, f, x, {"w": a}, inner_batch=a, outer_batch=a, implicit=cg_solver(), batched=True)
     grads, info = hypergradient(g, f, x, {"w": x["s"].detach() * a / 2}, inner_batch=a, outer_batch=a, batched=True)
     assert info.solve.converged and grads["s"].shape == ()
+
+
+# -- right by default: non-quadratic inner losses, checks, trees, the direct solve ------------------------------
+def logistic_problem(seed=0, n=40, d=5):
+    """Logistic regression, x = a log-penalty per feature: g = mean softplus(-s A w) + 1/2 sum e^x w^2."""
+    gen = torch.Generator().manual_seed(seed)
+    a, av = torch.randn(n, d, generator=gen, dtype=D64), torch.randn(n, d, generator=gen, dtype=D64)
+    w_true = torch.randn(d, generator=gen, dtype=D64)
+    s, sv = torch.sign(a @ w_true + 0.5 * torch.randn(n, generator=gen, dtype=D64)), torch.sign(av @ w_true)
+
+    def g(x, y, batch):
+        return nn.functional.softplus(-batch[1] * (batch[0] @ y["w"])).mean() + 0.5 * (x["log_pen"].exp() * y["w"] ** 2).sum()
+
+    def f(x, y, batch):
+        return nn.functional.softplus(-batch[1] * (batch[0] @ y["w"])).mean()
+
+    x = {"log_pen": torch.linspace(-3.0, -1.0, d, dtype=D64).requires_grad_(True)}
+    return g, f, x, {"w": torch.zeros(d, dtype=D64)}, (a, s), (av, sv)
+
+
+def tanh_mlp_problem(seed=0, n=30, d=4, h=5):
+    """A small tanh MLP regressor, x = a log-penalty per input feature on the first layer's columns."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, d, generator=gen, dtype=D64), torch.randn(n, generator=gen, dtype=D64)
+    av, bv = torch.randn(n, d, generator=gen, dtype=D64), torch.randn(n, generator=gen, dtype=D64)
+
+    def net(y, a):
+        return torch.tanh(a @ y["W1"].T + y["b1"]) @ y["w2"]
+
+    def g(x, y, batch):
+        penalty = (x["log_pen"].exp() * y["W1"] ** 2).sum() + 0.1 * (y["b1"] ** 2).sum() + 0.1 * (y["w2"] ** 2).sum()
+        return 0.5 * (net(y, batch[0]) - batch[1]).pow(2).mean() + 0.5 * penalty
+
+    def f(x, y, batch):
+        return 0.5 * (net(y, batch[0]) - batch[1]).pow(2).mean()
+
+    x = {"log_pen": torch.full((d,), -1.0, dtype=D64).requires_grad_(True)}
+    y0 = {"W1": 0.5 * torch.randn(h, d, generator=gen, dtype=D64), "b1": torch.zeros(h, dtype=D64),
+          "w2": 0.5 * torch.randn(h, generator=gen, dtype=D64)}
+    return g, f, x, y0, (a, b), (av, bv)
+
+
+def reference_newton(g, x, y, batch, tol=1e-12):
+    """An independent inner solve: plain Newton steps with the dense Hessian from torch.autograd.functional,
+    to ||d_y g|| <= tol (asserted)."""
+    names, shapes = list(y), [t.shape for t in y.values()]
+    sizes = [t.numel() for t in y.values()]
+    xd = {k: t.detach() for k, t in x.items()}
+
+    def obj(v):
+        return g(xd, {k: p.reshape(s) for k, p, s in zip(names, v.split(sizes), shapes)}, batch)
+
+    v = torch.cat([t.detach().reshape(-1) for t in y.values()])
+    for _ in range(50):
+        grad = torch.autograd.functional.jacobian(obj, v)
+        if float(grad.norm()) <= tol:
+            break
+        v = v - torch.linalg.solve(torch.autograd.functional.hessian(obj, v), grad)
+    assert float(torch.autograd.functional.jacobian(obj, v).norm()) <= tol
+    return {k: p.reshape(s) for k, p, s in zip(names, v.split(sizes), shapes)}
+
+
+def test_solve_inner_defaults_solve_to_tolerance():
+    """Defaults: Newton-CG to default_tol (1.5e-8 in float64, relative to max(1, ||d_y g(y0)||)) on a tanh MLP,
+    where 20 gd steps of 0.1 (the old defaults, still `solver="gd"`) leave the gradient far from zero."""
+    g, _, x, y0, batch, _ = tanh_mlp_problem()
+    y, info = solve_inner(g, x, y0, batch)
+    assert info.solver == "newton" and info.converged and not (info.capped or info.stalled or info.floor)
+    g0 = float(flatten(dict(zip(y0, inner_value_and_grad(g, x, batch)(y0)[1]))).norm())
+    measured = float(flatten(dict(zip(y, inner_value_and_grad(g, x, batch)(y)[1]))).norm())
+    assert measured == pytest.approx(info.grad_norm, rel=1e-12)
+    assert measured <= default_tol(D64) * max(1.0, g0) and default_tol(D64) == pytest.approx(1.49e-8, rel=1e-2)
+    assert info.stats()["inner_floor"] == 0.0 and not y["W1"].requires_grad
+    _, gd = solve_inner(g, x, y0, batch, solver="gd")  # the old defaults: 20 steps of 0.1
+    assert gd.iterations == 20 and gd.grad_norm > 0.1 and not gd.converged
+    with pytest.raises(UsageError, match="solver='gd'"):
+        solve_inner(g, x, {k: t.unsqueeze(0) for k, t in y0.items()}, batch, batched=True)
+
+
+@pytest.mark.parametrize("problem", [logistic_problem, tanh_mlp_problem])
+def test_hypergradient_matches_finite_differences_at_defaults(problem):
+    """solve_inner then hypergradient, all at their defaults, against central differences of
+    Phi(x) = f(x, y*(x)) with y* from the independent dense Newton solve (to 1e-12), step 1e-5."""
+    g, f, x, y0, inner_b, outer_b = problem()
+    y, inner = solve_inner(g, x, y0, inner_b)
+    grads, info = hypergradient(g, f, x, y, inner_batch=inner_b, outer_batch=outer_b, inner_info=inner)
+    assert info.problems == {} and info.inner_grad_norm == pytest.approx(inner.grad_norm, rel=1e-12)
+    y_ref = reference_newton(g, x, y, inner_b)
+    xv, step = x["log_pen"].detach(), 1e-5
+    fd = torch.zeros_like(xv)
+    for j in range(xv.numel()):
+        phis = []
+        for sign in (1.0, -1.0):
+            xj = {"log_pen": xv + sign * step * torch.nn.functional.one_hot(torch.tensor(j), xv.numel()).to(D64)}
+            phis.append(float(f(xj, reference_newton(g, xj, y_ref, inner_b), outer_b)))
+        fd[j] = (phis[0] - phis[1]) / (2 * step)
+    torch.testing.assert_close(grads["log_pen"], fd, rtol=1e-6, atol=1e-8)
+    assert float(fd.norm()) > 1e-3
+    # the same call after 2 gd steps is far off: the comparison can fail
+    y_bad, _ = solve_inner(g, x, y0, inner_b, solver="gd", steps=2)
+    bad, _ = hypergradient(g, f, x, y_bad, inner_batch=inner_b, outer_batch=outer_b, check=False)
+    assert float((bad["log_pen"] - fd).norm()) > 1e-2 * float(fd.norm())
+
+
+def test_hypergradient_warns_when_inner_unsolved():
+    """2 gd steps: d_y g is not small -> one HypergradientWarning (fixed text, so once per call site), the
+    numbers in info.problems on every call; a solved problem warns about nothing."""
+    g, f, x, y0, inner_b, outer_b = tanh_mlp_problem()
+    y, _ = solve_inner(g, x, y0, inner_b, solver="gd", steps=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")  # Python's default: each warning text once per location
+        for _ in range(3):
+            _, info = hypergradient(g, f, x, y, inner_batch=inner_b, outer_batch=outer_b)
+            assert "inner" in info.problems and "exceeds inner_tol" in info.problems["inner"]
+    inner_warnings = [w for w in record if "inner gradient at y is not small" in str(w.message)]
+    assert len(inner_warnings) == 1 and inner_warnings[0].category is HypergradientWarning
+    assert inner_warnings[0].filename == __file__  # attributed to the caller's line
+    assert info.inner_grad_norm > 1e-2
+    # a looser inner_tol accepts it
+    with pytest.warns(HypergradientWarning, match="not positive definite"):  # y is not a minimum yet either
+        _, loose = hypergradient(g, f, x, y, inner_batch=inner_b, outer_batch=outer_b, inner_tol=10.0)
+    assert "inner" not in loose.problems
+    y, _ = solve_inner(g, x, y0, inner_b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = hypergradient(g, f, x, y, inner_batch=inner_b, outer_batch=outer_b)
+    assert info.problems == {}
+
+
+def test_hypergradient_strict_raises():
+    """strict=True: each cause is one line of HypergradientError (a UsageError)."""
+    g, f, x, y0, inner_b, outer_b = logistic_problem()
+    y, _ = solve_inner(g, x, y0, inner_b)
+    kw = dict(inner_batch=inner_b, outer_batch=outer_b, strict=True)
+    hypergradient(g, f, x, y, **kw)  # solved: nothing to raise
+    y_bad, _ = solve_inner(g, x, y0, inner_b, solver="gd", steps=2)
+    nan_batch = (outer_b[0].clone(), outer_b[1])
+    nan_batch[0][0, 0] = float("nan")
+    concave = lambda x, y, b: -0.5 * (y["w"] ** 2).sum() + (x["log_pen"] * y["w"]).sum()  # noqa: E731
+    cases = [("inner gradient", dict(g=g, y=y_bad)), ("did not converge", dict(g=g, y=y, cg_steps=1)),
+             ("not positive definite", dict(g=concave, y={"w": x["log_pen"].detach()})),
+             ("not finite", dict(g=g, y=y, outer_batch=nan_batch))]
+    for match, case in cases:
+        args = {**kw, **{k: v for k, v in case.items() if k not in ("g", "y")}}
+        with pytest.raises(HypergradientError, match=match) as err:
+            hypergradient(case["g"], f, x, case["y"], **args)
+        assert "\n" not in str(err.value) and isinstance(err.value, UsageError)
+
+
+def test_hypergradient_accepts_tuples():
+    """x and y as tuples, lists, nested dicts: the same numbers as flat dicts, grads in x's structure (None where
+    a tensor does not require grad), v in y's, solve_inner's y in y0's."""
+    g, f, x, y0, inner_b, outer_b = tanh_mlp_problem()
+    y, _ = solve_inner(g, x, y0, inner_b)
+    grads, info = hypergradient(g, f, x, y, inner_batch=inner_b, outer_batch=outer_b)
+    frozen = torch.ones(2, dtype=D64)
+
+    def to_dicts(xt, yt):
+        return {"log_pen": xt[0]}, {"W1": yt["first"][0], "b1": yt["first"][1][0], "w2": yt["w2"]}
+
+    g_t = lambda xt, yt, b: g(*to_dicts(xt, yt), b) + 0.0 * xt[1].sum()  # noqa: E731
+    f_t = lambda xt, yt, b: f(*to_dicts(xt, yt), b)  # noqa: E731
+    xt = (x["log_pen"], frozen)
+    y0t = {"first": (y0["W1"], [y0["b1"]]), "w2": y0["w2"]}
+    yt, inner = solve_inner(g_t, xt, y0t, inner_b)
+    assert isinstance(yt["first"], tuple) and isinstance(yt["first"][1], list) and inner.converged
+    torch.testing.assert_close(yt["w2"], y["w2"], rtol=0, atol=0)
+    grads_t, info_t = hypergradient(g_t, f_t, xt, yt, inner_batch=inner_b, outer_batch=outer_b)
+    assert isinstance(grads_t, tuple) and len(grads_t) == 2 and grads_t[1] is None
+    torch.testing.assert_close(grads_t[0], grads["log_pen"], rtol=1e-12, atol=1e-15)
+    assert isinstance(info_t.v["first"], tuple)
+    torch.testing.assert_close(info_t.v["first"][0], info.v["W1"], rtol=1e-12, atol=1e-15)
+    # a list x, a bare-tensor y
+    ga, fa, xa, ya0, ia, oa = logistic_problem()
+    g_l = lambda xl, w, b: ga({"log_pen": xl[0]}, {"w": w}, b)  # noqa: E731
+    f_l = lambda xl, w, b: fa({"log_pen": xl[0]}, {"w": w}, b)  # noqa: E731
+    w, _ = solve_inner(g_l, [xa["log_pen"]], ya0["w"], ia)
+    grads_l, info_l = hypergradient(g_l, f_l, [xa["log_pen"]], w, inner_batch=ia, outer_batch=oa)
+    ref, _ = hypergradient(ga, fa, xa, {"w": w}, inner_batch=ia, outer_batch=oa)
+    assert isinstance(grads_l, list) and isinstance(info_l.v, torch.Tensor)
+    torch.testing.assert_close(grads_l[0], ref["log_pen"], rtol=0, atol=0)
+
+
+def test_hypergradient_no_x_requiring_grad():
+    g, f, x, y0, inner_b, outer_b = logistic_problem()
+    y, _ = solve_inner(g, x, y0, inner_b)
+    frozen = {"log_pen": x["log_pen"].detach()}
+    with pytest.raises(UsageError, match="no tensor of x requires grad") as err:
+        hypergradient(g, f, frozen, y, inner_batch=inner_b, outer_batch=outer_b)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match="no tensor of x requires grad"):
+        hypergradient(g, f, (frozen["log_pen"],), y, inner_batch=inner_b, outer_batch=outer_b)
+    surrogate, _ = hypergradient(g, f, frozen, y, inner_batch=inner_b, outer_batch=outer_b, return_surrogate=True)
+    assert surrogate.dim() == 0 and torch.isfinite(surrogate)  # allowed when asked for (the batches may carry graph)
+
+
+def test_direct_solve_matches_cg():
+    """implicit="direct": the dense Hessian (Cholesky) gives CG's v and gradients, with its own statistics;
+    batched per task; an indefinite Hessian goes to LU and is reported; too large a y is refused."""
+    g, f, x, y0, inner_b, outer_b = tanh_mlp_problem()
+    y, _ = solve_inner(g, x, y0, inner_b)
+    kw = dict(inner_batch=inner_b, outer_batch=outer_b)
+    cg, info_cg = hypergradient(g, f, x, y, cg_steps=200, cg_tol=1e-14, **kw)
+    direct, info = hypergradient(g, f, x, y, implicit="direct", **kw)
+    torch.testing.assert_close(direct["log_pen"], cg["log_pen"], rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(info.v["W1"], info_cg.v["W1"], rtol=1e-9, atol=1e-12)
+    assert info.solve.iterations == 0 and info.solve.residual < 1e-12 and info.solve.converged
+    assert info.solve.nonpositive_curvature == 0 and info.problems == {}
+    # batched: ridge tasks stacked, each task's v as per task
+    xr, tasks = ridge_x(3), ridge_tasks(3, seed=3)
+
+    def stacked(fn):
+        return lambda x, y, b: torch.stack([fn(x, {"y": y["y"][c]}, (b[0][c], b[1][c])) for c in range(3)])
+
+    sb = (torch.stack([t.support_x for t in tasks]), torch.stack([t.support_y for t in tasks]))
+    qb = (torch.stack([t.query_x for t in tasks]), torch.stack([t.query_y for t in tasks]))
+    yb = {"y": torch.stack([inner_solution(xr["x"].detach(), t, LAM) for t in tasks])}
+    gb, ib = hypergradient(stacked(ridge_g), stacked(ridge_f), xr, yb, inner_batch=sb, outer_batch=qb,
+                           implicit="direct", batched=True)
+    torch.testing.assert_close(gb["x"], 3 * true_hypergradient(xr["x"], tasks, LAM), rtol=1e-10, atol=1e-13)  # a mean
+    assert ib.solve.rows["residual"].shape == (3,) and ib.problems == {}
+    # indefinite: LU solves it exactly, the curvature is reported
+    a = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=D64))
+    b = torch.tensor([1.0, 1.0, 1.0], dtype=D64)
+    v, solve = implicit_solve(lambda t: a @ t, b, implicit="direct")
+    torch.testing.assert_close(v, torch.tensor([0.5, -1.0, 1 / 3], dtype=D64), rtol=1e-14, atol=0)
+    assert solve.nonpositive_curvature == 1 and solve.iterations == 0
+    with pytest.raises(UsageError, match="use implicit='cg'"):
+        implicit_solve(lambda t: t, torch.ones(5000, dtype=D64), implicit="direct")
+
+
+def test_newton_rounding_floor_sets_flag():
+    """Asked for a tolerance below what the dtype resolves, Newton stops at the rounding floor and says so
+    (floor=True, not converged, not capped), in float64 and float32."""
+    g, _, x, y0, batch, _ = tanh_mlp_problem()
+    for dtype, tol in ((D64, 1e-20), (torch.float32, 1e-10)):
+        cast = lambda d: {k: t.detach().to(dtype) for k, t in d.items()}  # noqa: E731
+        y, info = solve_inner(g, cast(x), cast(y0), (batch[0].to(dtype), batch[1].to(dtype)), tol=tol)
+        assert info.floor and not info.converged and not info.capped and info.grad_norm > tol
+        assert info.iterations < 100 and info.stats()["inner_floor"] == 1.0
+        assert info.grad_norm < 1e3 * torch.finfo(dtype).eps  # it did solve as far as the dtype resolves

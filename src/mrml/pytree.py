@@ -3,12 +3,15 @@
 
 Example:
     >>> import torch
-    >>> from mrml.pytree import tree_map, leading_size
+    >>> from mrml.pytree import tree_map, leading_size, leaf_dict, rebuild
     >>> batch = {"ids": torch.zeros(4, 7, dtype=torch.long), "mask": torch.ones(4, 7)}
     >>> leading_size(batch)
     4
     >>> sorted(tree_map(lambda t: t[:2], batch)["mask"].shape)
     [2, 7]
+    >>> tree = ({"a": torch.zeros(2)}, [torch.ones(1), 3.0])
+    >>> rebuild(tree, [t + 1 for t in leaf_dict(tree).values()])
+    ({'a': tensor([1., 1.])}, [tensor([2.]), 3.0])
 """
 from __future__ import annotations
 
@@ -71,3 +74,23 @@ def stack(trees: list[Tree]) -> Tree:
         parts = [stack([t[i] for t in trees]) for i in range(len(first))]
         return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
     return first
+
+
+def is_flat_dict(tree: Tree) -> bool:
+    """Whether `tree` is a dict whose values are all tensors (the form `mrml.functional` works on)."""
+    return isinstance(tree, dict) and all(isinstance(v, torch.Tensor) for v in tree.values())
+
+
+def leaf_dict(tree: Tree) -> dict[str, torch.Tensor]:
+    """The tensors of `tree` as a flat dict: a flat dict of tensors as it is, any other tree keyed by
+    position ("0", "1", ... in `leaves` order). `rebuild(tree, d.values())` is the inverse."""
+    if is_flat_dict(tree):
+        return tree
+    return {str(i): t for i, t in enumerate(leaves(tree))}
+
+
+def rebuild(like: Tree, values: Any) -> Tree:
+    """`like`'s structure with its tensors replaced, in `leaves` order, by `values` (any iterable, e.g.
+    a `leaf_dict`'s values; None allowed); other leaves kept."""
+    it = iter(values)
+    return tree_map(lambda _: next(it), like)

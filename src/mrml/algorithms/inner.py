@@ -10,8 +10,9 @@ Both stop when ||d_y g(y)|| <= tol * max(1, ||d_y g(y_0)||), or after `max_iter`
 as capped). Once the Newton decrement <d_y g, H^{-1} d_y g>/2 -- the decrease a full step would
 bring -- is below 64 units of rounding of g, the value of g can no longer judge a step: full steps
 are taken without line search (the quadratic-convergence regime) while they at least halve
-||d_y g||; when one does not, the solve ends there (converged as far as the dtype resolves). A line
-search that finds no decrease ends the solve too (reported as stalled).
+||d_y g||; when one does not, the solve ends there at the rounding floor (reported as `floor`: the
+tolerance was not reached, the dtype resolves no further). A line search that finds no decrease ends
+the solve too (reported as stalled).
 """
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ ARMIJO, MAX_BACKTRACK = 1e-4, 40
 
 @dataclass
 class InnerInfo:
-    """What an inner solve did: iterations (or steps), final ||d_y g||, whether it hit its cap or stalled."""
+    """What an inner solve did: iterations (or steps), final ||d_y g||, whether it hit its cap, stalled, or
+    stopped at the rounding floor above the tolerance (`floor`)."""
 
     iterations: int
     grad_norm: float
     capped: bool
     stalled: bool = False
+    floor: bool = False
 
     def stats(self) -> dict[str, float]:
         return {"inner_iterations": float(self.iterations), "inner_grad_norm": self.grad_norm,
@@ -64,7 +67,7 @@ def _newton(value_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tenso
     gnorm0 = float(grad.norm())
     target = tol * max(1.0, gnorm0)
     floor = 64.0 * torch.finfo(x.dtype).eps
-    gnorm, it, stalled = gnorm0, 0, False
+    gnorm, it, stalled, at_floor = gnorm0, 0, False, False
     while gnorm > target and it < max_iter:
         d = direction(x, grad, gnorm)
         slope = float((grad * d).sum())
@@ -72,7 +75,7 @@ def _newton(value_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tenso
             xn = x - d
             gn, gradn = value_grad(xn)
             if not float(gradn.norm()) <= 0.5 * gnorm:
-                target = gnorm  # rounding floor reached
+                at_floor = True  # rounding floor reached above the tolerance
                 break
             x, g, grad, gnorm, it = xn, gn, gradn, float(gradn.norm()), it + 1
             continue
@@ -84,7 +87,7 @@ def _newton(value_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tenso
             break
         x, g, grad = found
         gnorm, it = float(grad.norm()), it + 1
-    return x, InnerInfo(it, gnorm, gnorm > target and not stalled, stalled)
+    return x, InnerInfo(it, gnorm, gnorm > target and not (stalled or at_floor), stalled, at_floor)
 
 
 def newton_head(problem: LinearHeadLoss, w0: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, InnerInfo]:
