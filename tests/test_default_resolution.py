@@ -68,6 +68,27 @@ def test_learn2learn_shape_without_trunk_runs_exact_default(tiny):
     assert torch.allclose(auto.adapt(eps[0]), explicit.adapt(eps[0]), rtol=1e-10, atol=1e-12)
 
 
+def test_explicit_trunk_with_layers_before_the_head_runs_exact_default(tiny):
+    """trunk="features" where hidden -> tanh -> classifier follow: the features are the classifier's input,
+    the same split as without trunk= (identical hypergradients), the trunk still run once per input set."""
+    torch.manual_seed(0)
+    model = CNNWithHidden().double()
+    twin = copy.deepcopy(model)
+    eps = image_episodes(tiny, 2, dtype=torch.float64)
+    named = no_warning_made(lambda: MRML(model, "classification", AlgoConfig(inner="classifier"), trunk="features"))
+    auto = MRML(twin, "classification", AlgoConfig(inner="classifier"))
+    assert resolved(named) == resolved(auto) == EXACT and named.split.trunk_name == "features"
+    calls = count_calls(model.features)
+    named.meta_gradient(eps)
+    auto.meta_gradient(eps)
+    assert calls[0] == 2 * len(eps) and model.hidden.weight.grad is not None
+    for a, e in zip(outer_grads(named), outer_grads(auto)):
+        assert torch.equal(a, e)
+    with pytest.raises(UsageError, match="trunk="):  # the task-batched path runs no model forward
+        MRML(model, "classification", AlgoConfig(inner="classifier", task_chunk=2, inner_solver="gd", implicit="cg",
+                                                 learn_l2=False), trunk="features")
+
+
 @pytest.mark.parametrize("cls", [MRML, ANIL, ITDBiO])
 def test_automatic_head_split_runs_the_features_twice_per_task_whatever_k(tiny, cls):
     eps = image_episodes(tiny, 2)
@@ -96,6 +117,12 @@ class Scaled(CNN):
         return self.classifier(self.features(x)) * 2.0
 
 
+class EvalScaled(CNN):
+    def forward(self, x):
+        out = self.classifier(self.features(x))
+        return out if self.training else out / 2.0  # fx traces the mode it runs in: both are traced
+
+
 class Branching(CNN):
     def forward(self, x):
         f = self.features(x)
@@ -118,8 +145,10 @@ class Tied(CNN):
     (Tied, None, "classification", {}, r"shared with another layer \(mirror.weight\)"),
     (CNN, "features", smoothed_cross_entropy, {}, "need one built-in loss .* \\(got a custom loss\\)"),
     (CNN, None, "classification", {"recompute_features": True}, "recompute_features re-runs the whole network"),
-    (CNNWithHidden, "features", "classification", {}, "does more after the trunk 'features' than apply 'classifier'"),
-], ids=["transformed-output", "untraceable", "tied-weights", "custom-loss", "recompute", "rest-after-trunk"])
+    (Scaled, "features", "classification", {}, r"transforms its output before returning it \(layer 'classifier'\)"),
+    (EvalScaled, None, "classification", {}, "transforms its output before returning it"),
+], ids=["transformed-output", "untraceable", "tied-weights", "custom-loss", "recompute", "trunk-transformed-output",
+        "transformed-in-eval-mode"])
 def test_default_estimator_change_is_one_warning(tiny, model, trunk, loss, cfg, match):
     torch.manual_seed(0)
     net = model()

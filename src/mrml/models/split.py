@@ -20,9 +20,12 @@ Two ways to find the trunk:
   rest receives a placeholder in place of the input (the trunk consumed it): the forward may use
   its input only to feed the trunk. When the rest is exactly one `nn.Linear` applied to the
   features (checked once, by a probe), the adapted part is that layer alone, so the closed forms
-  of a linear head apply (`mrml.algorithms.linear_head`). An inner part made of one module's
-  parameters counts as the model's last stage (a head: by default ridge-regularised towards 0 from
-  a fixed init); a wider one gets the proximal inner loss (`AlgoConfig.prox` overrides either).
+  of a linear head apply (`mrml.algorithms.linear_head`). When the forward does more after the trunk
+  and ends with that layer (`head_of`), the features are the layer's input, as in the automatic
+  split at a linear head above (the trunk still called once per forward, checked on every call).
+  An inner part made of one module's parameters counts as the model's last stage (a head: by
+  default ridge-regularised towards 0 from a fixed init); a wider one gets the proximal inner loss
+  (`AlgoConfig.prox` overrides either).
 
 Either way the features are computed once with gradient; the inner loop re-runs only the adapted
 part on a detached copy of them. Where the inner part is one linear layer that the split cannot put
@@ -316,12 +319,28 @@ def head_of(model: nn.Module, path: str, linear: nn.Linear) -> tuple[str | None,
     its output returned as is, and its parameters read nowhere else and held by no other module (the
     features are computed before the call, so they do not depend on them); else (the reason, whether
     the layer still looks like a head: no layer with parameters after it). Tracing runs the forward on
-    proxies (no data); a forward that cannot be traced is not split."""
+    proxies (no data), once in training and once in eval mode (the mode is restored); a forward that
+    cannot be traced is not split."""
     ids = {id(p) for p in linear.parameters()}
     holders = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids]
     if len(holders) != len(ids):
         others = sorted(n for n in holders if not n.startswith(path + "."))
         return f"its parameters are shared with another layer ({', '.join(others)})", True
+    modes = {m: m.training for m in model.modules()}
+    try:
+        for training in (True, False):  # a forward that branches on self.training: both branches
+            model.train(training)
+            why, head_like = _traced_head(model, path)
+            if why is not None:
+                return why, head_like
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return None, True
+
+
+def _traced_head(model: nn.Module, path: str) -> tuple[str | None, bool]:
+    """`head_of`'s check on one torch.fx trace of the model's forward (in the model's current mode)."""
     try:
         from torch import fx
 
@@ -358,29 +377,43 @@ class _Recorder(nn.Module):
         self.inputs.append(x)
         if args or kwargs or not isinstance(x, torch.Tensor):
             raise UsageError("the model's forward called its head layer with other than one tensor, unlike when "
-                             "traced: pass trunk=... naming the module that computes the features")
+                             "traced: the split at a linear head needs a forward of one form (as traced)")
         self.output = x.new_zeros(*x.shape[:-1], self.out_features)
         return self.output
 
 
 class HeadInput(nn.Module):
-    """The trunk of the automatic split at a linear head (`head_of`): the model's forward with the head
-    replaced by a stand-in; its output is the head's input. Checked on every call: the head called once,
-    on (n, d) features, its output returned as is. Holds (shares) the model's parameters outside the head."""
+    """The features of the split at a linear head (`head_of`): the model's forward with the head replaced
+    by a stand-in; its output is the head's input. Checked on every call: the head called once, on (n, d)
+    features, its output returned as is; a named trunk (`trunk`: (name, module)) called once. Holds
+    (shares) the model's parameters outside the head."""
 
-    def __init__(self, model: nn.Module, path: str, linear: nn.Linear):
+    def __init__(self, model: nn.Module, path: str, linear: nn.Linear, trunk: tuple[str, nn.Module] | None = None):
         super().__init__()
         self.__dict__["model"] = model  # not registered: `held` below are the trunk's parameters
+        self.__dict__["trunk"] = trunk
         self.path, self.out_features = path, linear.out_features
         head = {id(p) for p in linear.parameters()}
         self.held = nn.ParameterList([p for p in model.parameters() if id(p) not in head])
 
     def forward(self, x: Any) -> torch.Tensor:
-        model = self.__dict__["model"]
-        name, fix = type(model).__name__, "pass trunk=... naming the module that computes the features"
+        model, trunk = self.__dict__["model"], self.__dict__["trunk"]
+        name, fix = type(model).__name__, "the split at a linear head needs a forward of one form (as traced)"
         stand_in = _Recorder(self.out_features)
-        with _swapped(model, self.path, stand_in):
-            out = model(x)
+        calls = [0]
+        hook = trunk[1].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) if trunk else None
+        try:
+            with _swapped(model, self.path, stand_in):
+                out = model(x)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if trunk is not None and calls[0] == 0:
+            raise UsageError(f"{name}.forward never called the trunk {trunk[0]!r}: name the submodule that its "
+                             "forward runs on the input")
+        if trunk is not None and calls[0] != 1:
+            raise UsageError(f"{name}.forward called the trunk {trunk[0]!r} {calls[0]} times: trunk=... needs a "
+                             "submodule called once per forward")
         if len(stand_in.inputs) != 1:
             raise UsageError(f"{name}.forward called {self.path!r} {len(stand_in.inputs)} times on this input (once "
                              f"when traced): {fix}")
@@ -389,17 +422,22 @@ class HeadInput(nn.Module):
                              f"traced): {fix}")
         feats = stand_in.inputs[0]
         if feats.dim() != 2:
-            raise UsageError(f"{name}.forward gives {self.path!r} inputs of shape {tuple(feats.shape)}: the automatic "
-                             f"split at a linear head needs (n, features); {fix}")
+            raise UsageError(f"{name}.forward gives {self.path!r} inputs of shape {tuple(feats.shape)}: the split at "
+                             "a linear head needs (n, features); reshape them before it, or name other inner parameters")
         return feats
 
 
-def head_split(model: nn.Module, path: str, linear: nn.Linear) -> ModelSplit:
-    """The split whose features are the input of the head `linear` (see `head_of`), adapted part the head."""
+def head_split(model: nn.Module, path: str, linear: nn.Linear, trunk: tuple[str, nn.Module] | None = None
+               ) -> ModelSplit:
+    """The split whose features are the input of the head `linear` (see `head_of`), adapted part the head;
+    with an explicit `trunk` (name, module), its features include what the forward does after the trunk."""
     adapt = Stages([linear])
     names = {id(p): n for n, p in model.named_parameters()}
     model_name = {n: names[id(p)] for n, p in adapt.named_parameters()}
-    return ModelSplit(model, HeadInput(model, path, linear), adapt, list(model_name), [], model_name, True)
+    features = HeadInput(model, path, linear, trunk)
+    return ModelSplit(model, features, adapt, list(model_name), [], model_name, True,
+                      trunk[0] if trunk else None, features if trunk else None)
+
 
 def explicit_split(model: nn.Module, inner: str | None, trunk: str | nn.Module) -> ModelSplit:
     """The split at an explicit trunk (see the module docstring); `inner=None`: every parameter
@@ -426,8 +464,12 @@ def explicit_split(model: nn.Module, inner: str | None, trunk: str | nn.Module) 
         adapt: nn.Module = Stages([linear])
         in_last = True
     else:
-        if named_linear is not None and head_of(model, *named_linear)[1]:  # a head: warn where that matters
-            reason = f"the forward does more after the trunk {path!r} than apply {named_linear[0]!r} to its output"  # the inner part counts as the last stage (a head) when it is the parameters of one module
+        if named_linear is not None:  # the forward does more after the trunk: a head at the end of it?
+            why, head_like = head_of(model, *named_linear)
+            if why is None:
+                return head_split(model, *named_linear, trunk=(path, module))
+            reason = f"{why} (layer {named_linear[0]!r})" if head_like else None
+        # the inner part counts as the last stage (a head) when it is the parameters of one module
         adapt = Rest(model, path)
         in_last = len({n.rpartition(".")[0] for n in inner_model}) == 1
     by_id = {id(p): n for n, p in named}
