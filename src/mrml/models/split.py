@@ -329,7 +329,8 @@ def head_of(model: nn.Module, path: str, linear: nn.Linear) -> tuple[str | None,
     modes = {m: m.training for m in model.modules()}
     try:
         for training in (True, False):  # a forward that branches on self.training: both branches
-            model.train(training)
+            for m in modes:  # the flags only (a custom train() may do more)
+                m.training = training
             why, head_like = _traced_head(model, path)
             if why is not None:
                 return why, head_like
@@ -341,17 +342,22 @@ def head_of(model: nn.Module, path: str, linear: nn.Linear) -> tuple[str | None,
 
 def _traced_head(model: nn.Module, path: str) -> tuple[str | None, bool]:
     """`head_of`'s check on one torch.fx trace of the model's forward (in the model's current mode)."""
-    try:
-        from torch import fx
+    from torch import fx
 
+    before = set(model.__dict__)
+    try:
         graph = fx.Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 -- an untraceable forward is not provably a head: the general path
         return f"the forward could not be traced to check it ({_first_line(e)})", True
+    finally:
+        for name in set(model.__dict__) - before:  # the tracer keeps tensor constants on the model: not ours
+            delattr(model, name)
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == path]
     if len(calls) != 1:
         return f"the forward calls it {len(calls)} times, not once", True
     after = _descendants(calls[0])
-    params_after = any(n.op == "get_attr" or (n.op == "call_module" and any(
+    params = dict(model.named_parameters())
+    params_after = any((n.op == "get_attr" and n.target in params) or (n.op == "call_module" and any(
         True for _ in model.get_submodule(str(n.target)).parameters())) for n in after)
     reads = [n for n in graph.nodes if n.op == "get_attr" and (n.target == path or str(n.target).startswith(path + "."))]
     if reads:
