@@ -415,7 +415,8 @@ def test_a_forward_that_reshapes_the_features_is_not_taken_for_a_bare_linear_hea
                  torch.randn(2 * WAYS, 1, 8, 8, dtype=torch.float64), labels.repeat(2))
     model = _FlattenNet().double()
     learner = MRML(model, "classification", AlgoConfig(inner="classifier"), trunk="features")
-    assert learner.head is None  # the general path: the flatten stays in the adapted part
+    # not a bare head on the trunk's output: the split is at the classifier's input (the flattened features)
+    assert learner.head is not None and learner.split.features(ep.query_x).shape == (2 * WAYS, 4)
     stats = learner.meta_gradient([ep])
     assert math.isfinite(stats.loss)
     pred = learner.adapt(ep)

@@ -229,7 +229,7 @@ def test_train_records_inner_solver_statistics(tmp_path):
     for key in ("inner_iterations", "inner_grad_norm", "inner_capped", "inner_stalled", "cg_residual", "l2"):
         assert key in rec, key
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["learn_l2"] is True and cfg["inner_solver"] is None  # resolved by the algorithm: newton
+    assert cfg["learn_l2"] is True and cfg["inner_solver"] == "newton"  # as the algorithm resolved it
     paper = tmp_path / "paper"
     assert main(["train", "--dataset", "tiny", "--ways", "3", "--shots", "2", "--query", "2", "--width", "4",
                  "--iterations", "1", "--val-episodes", "2", "--test-episodes", "2", "--preset", "paper",

@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -302,8 +302,8 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
     elif ctx.is_main:
         for name in ("metrics.jsonl", "final.json"):
             (out / name).unlink(missing_ok=True)
-    if ctx.is_main:
-        atomic_json(out / "config.json", cfg.to_dict())
+    if ctx.is_main:  # the settings as the algorithm resolved them (solver, implicit system, lambda, prox, inner part)
+        atomic_json(out / "config.json", replace(cfg, algo_settings=run.algo.config).to_dict())
     if cfg.preset and state is None and ctx.is_main:
         print(f"preset {cfg.preset} for {cfg.algo}: " + json.dumps(cfg.to_dict()), file=stream)
 

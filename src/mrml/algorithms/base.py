@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
@@ -156,13 +157,15 @@ class MetaAlgorithm(abc.ABC):
         if self.config.l2 is None:
             self.config.l2 = self.default_l2
         cfg = self.config
-        self.split: ModelSplit = split_model(model, cfg.inner, cfg.recompute_features, trunk)
+        # the task-batched path runs a trunk module on stacked tasks: no split at a head's input there
+        self.split: ModelSplit = split_model(model, cfg.inner, cfg.recompute_features, trunk,
+                                             head_split_ok=not cfg.batched)
         if cfg.batched and self.split.run_trunk is not None:
             raise UsageError("task_chunk > 1, amp and compile run the trunk module on stacked tasks, not through the "
                              "model's forward as trunk= does: use task_chunk=1 without amp/compile, or no trunk=")
         if cfg.inner is None:  # explicit trunk: everything outside it adapts
             cfg.inner = ",".join(self.split.model_name[n] for n in self.split.inner_names)
-        self.prox = cfg.prox if cfg.prox is not None else not self.split.inner_is_last_stage
+        self.prox = cfg.prox = cfg.prox if cfg.prox is not None else not self.split.inner_is_last_stage
         #: closed forms of a linear head (None when the inner part is anything else, or the losses are
         #: not one built-in kind)
         same_builtin = self.loss.kind in LOSS_KINDS and self.support_loss == self.loss
@@ -173,6 +176,11 @@ class MetaAlgorithm(abc.ABC):
             # task-batched path alike); wider, non-convex inner parts run the gd form (see README)
             exact_ok = self.head is not None
             cfg.inner_solver = self.inner_solvers[0] if exact_ok or "gd" not in self.inner_solvers else "gd"
+            why = None if exact_ok or self.inner_solvers[0] == "gd" else self._why_not_exact(same_builtin)
+            if why:  # the estimator is not the default one: say so, in one line
+                warnings.warn(f"{self.name}: {why}: running {cfg.inner_steps} gradient steps + CG at a fixed lambda, "
+                              "not the exact default (newton inner solve, direct system, learned lambda); set "
+                              "inner_solver to choose the form without this warning", stacklevel=3)
         if cfg.inner_solver not in self.inner_solvers:
             known = cfg.inner_solver in INNER_SOLVERS
             raise UsageError(f"{self.name} accepts --inner-solver {' or '.join(self.inner_solvers)}"
@@ -192,6 +200,20 @@ class MetaAlgorithm(abc.ABC):
             ref = next(iter(self.split.inner_init().values()))
             self.log_l2 = nn.Parameter(torch.tensor(math.log(cfg.l2), dtype=ref.dtype, device=ref.device))
         self.last_inner = InnerInfo(0, float("nan"), False)
+
+    def _why_not_exact(self, same_builtin: bool) -> str | None:
+        """Why a head that could take the exact default does not (None: the inner part is no linear head)."""
+        bare = closed_form_head(self.split, "classification")
+        if self.config.batched and (bare or self.split.general_reason):
+            return ("the task-batched path (--task-chunk/--amp/--compile) runs the trunk module on stacked tasks and "
+                    "cannot split this model at its head's input (the per-task path can)")
+        if self.split.general_reason:
+            return f"inner part {self.config.inner!r} is one linear layer but no closed form applies: {self.split.general_reason}"
+        if bare and not same_builtin:
+            got = "a different inner loss" if self.loss.kind in LOSS_KINDS else "a custom loss"
+            return (f"the closed forms of the linear head {self.config.inner!r} need one built-in loss ('classification' "
+                    f"or 'regression') for the inner and outer loss (got {got})")
+        return None
 
     # -- parameters ----------------------------------------------------------------------------
     def outer_parameters(self) -> list[nn.Parameter]:

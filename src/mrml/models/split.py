@@ -7,7 +7,11 @@ Two ways to find the trunk:
 - automatic (`trunk=None`): the model's forward is a sequence of stages (`FewShotNet.stages()`, or
   the children of an `nn.Sequential`); everything before the first stage that holds an inner
   parameter is the trunk. A model that is neither is one stage: correct, but the inner loop then
-  re-runs all of it;
+  re-runs all of it -- except where the inner part is one `nn.Linear` that the forward provably
+  applies once, last, to features that do not depend on it (`head_of`, checked on a torch.fx trace
+  and again on every call): then the features are that layer's input (`HeadInput`, the model's forward
+  run with the layer replaced by a stand-in that records its input) and the adapted part is the layer
+  alone, as with an explicit trunk (learn2learn's `self.classifier(self.features(x))`);
 - explicit (`trunk="features"`, a dotted submodule name or the submodule itself): any model whose
   forward calls that submodule once. Its features are what the model's own forward passes to it
   (the forward is run up to that call and stopped there); the rest of the model is the model's own
@@ -16,12 +20,17 @@ Two ways to find the trunk:
   rest receives a placeholder in place of the input (the trunk consumed it): the forward may use
   its input only to feed the trunk. When the rest is exactly one `nn.Linear` applied to the
   features (checked once, by a probe), the adapted part is that layer alone, so the closed forms
-  of a linear head apply (`mrml.algorithms.linear_head`). An inner part made of one module's
-  parameters counts as the model's last stage (a head: by default ridge-regularised towards 0 from
-  a fixed init); a wider one gets the proximal inner loss (`AlgoConfig.prox` overrides either).
+  of a linear head apply (`mrml.algorithms.linear_head`). When the forward does more after the trunk
+  and ends with that layer (`head_of`), the features are the layer's input, as in the automatic
+  split at a linear head above (the trunk still called once per forward, checked on every call).
+  An inner part made of one module's parameters counts as the model's last stage (a head: by
+  default ridge-regularised towards 0 from a fixed init); a wider one gets the proximal inner loss
+  (`AlgoConfig.prox` overrides either).
 
 Either way the features are computed once with gradient; the inner loop re-runs only the adapted
-part on a detached copy of them.
+part on a detached copy of them. Where the inner part is one linear layer that the split cannot put
+alone in the adapted part, `ModelSplit.general_reason` says why (the algorithms warn when that
+changes their default estimator).
 """
 from __future__ import annotations
 
@@ -96,6 +105,9 @@ class ModelSplit:
     inner_is_last_stage: bool  # the inner part lies within the model's last stage (e.g. the head)
     trunk_name: str | None = None  # the explicit trunk's name in the model (None: automatic stages)
     run_trunk: Callable[[Any], torch.Tensor] | None = None  # explicit trunk: the model's forward up to it
+    #: why an inner part that is one linear layer (a head: nothing with parameters after it) is not the
+    #: adapted part alone, so that no closed form applies; None otherwise
+    general_reason: str | None = None
 
     def features(self, x: Any) -> Any:
         """The trunk's output on the inputs `x` (a tensor or a dict/list/tuple of tensors)."""
@@ -254,11 +266,11 @@ def resolve_trunk(model: nn.Module, trunk: str | nn.Module) -> tuple[str, nn.Mod
     raise UsageError(f"trunk must be a submodule name or an nn.Module inside the model (got {type(trunk).__name__})")
 
 
-def _linear_of(model: nn.Module, inner: list[str]) -> nn.Linear | None:
-    """The nn.Linear whose parameters are exactly the inner ones, if any."""
+def linear_of(model: nn.Module, inner: list[str] | set[str]) -> tuple[str, nn.Linear] | None:
+    """(name, module) of the nn.Linear whose parameters are exactly the inner ones, if any."""
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and {f"{name}.{n}" if name else n for n, _ in m.named_parameters()} == set(inner):
-            return m
+            return name, m
     return None
 
 
@@ -283,6 +295,155 @@ def _applies_linear(model: nn.Module, path: str, linear: nn.Linear) -> bool:
         hook.remove()
     return len(seen) == 1 and seen[0][0] is probe and out is seen[0][1]
 
+# -- automatic split at a linear head ------------------------------------------------------------
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text[:120] + "...") if len(text) > 120 else (text or type(e).__name__)
+
+
+def _descendants(node: Any) -> list[Any]:
+    seen: dict[Any, None] = {}
+    todo = list(node.users)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen[n] = None
+            todo.extend(n.users)
+    return list(seen)
+
+
+def head_of(model: nn.Module, path: str, linear: nn.Linear) -> tuple[str | None, bool]:
+    """Whether the model's forward is `linear(features)` with features that cannot depend on `linear`.
+
+    Returns (None, True) when a torch.fx trace shows the layer called once, on one positional argument,
+    its output returned as is, and its parameters read nowhere else and held by no other module (the
+    features are computed before the call, so they do not depend on them); else (the reason, whether
+    the layer still looks like a head: no layer with parameters after it). Tracing runs the forward on
+    proxies (no data), once in training and once in eval mode (the mode is restored); a forward that
+    cannot be traced is not split."""
+    ids = {id(p) for p in linear.parameters()}
+    holders = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids]
+    if len(holders) != len(ids):
+        others = sorted(n for n in holders if not n.startswith(path + "."))
+        return f"its parameters are shared with another layer ({', '.join(others)})", True
+    modes = {m: m.training for m in model.modules()}
+    try:
+        for training in (True, False):  # a forward that branches on self.training: both branches
+            for m in modes:  # the flags only (a custom train() may do more)
+                m.training = training
+            why, head_like = _traced_head(model, path)
+            if why is not None:
+                return why, head_like
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return None, True
+
+
+def _traced_head(model: nn.Module, path: str) -> tuple[str | None, bool]:
+    """`head_of`'s check on one torch.fx trace of the model's forward (in the model's current mode)."""
+    from torch import fx
+
+    before = set(model.__dict__)
+    try:
+        graph = fx.Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 -- an untraceable forward is not provably a head: the general path
+        return f"the forward could not be traced to check it ({_first_line(e)})", True
+    finally:
+        for name in set(model.__dict__) - before:  # the tracer keeps tensor constants on the model: not ours
+            delattr(model, name)
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == path]
+    if len(calls) != 1:
+        return f"the forward calls it {len(calls)} times, not once", True
+    after = _descendants(calls[0])
+    params = dict(model.named_parameters())
+    params_after = any((n.op == "get_attr" and n.target in params) or (n.op == "call_module" and any(
+        True for _ in model.get_submodule(str(n.target)).parameters())) for n in after)
+    reads = [n for n in graph.nodes if n.op == "get_attr" and (n.target == path or str(n.target).startswith(path + "."))]
+    if reads:
+        return "the forward reads its parameters other than by calling it", not params_after
+    if len(calls[0].args) != 1 or calls[0].kwargs:
+        return "the forward calls it with more than one argument", not params_after
+    output = next(n for n in graph.nodes if n.op == "output")
+    if output.args[0] is not calls[0]:
+        return "the forward transforms its output before returning it", not params_after
+    return None, True
+
+
+class _Recorder(nn.Module):
+    """Stand-in for the head layer: records its input, returns a placeholder output of the head's shape."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+        self.inputs: list[Any] = []
+        self.output: torch.Tensor | None = None
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.inputs.append(x)
+        if args or kwargs or not isinstance(x, torch.Tensor):
+            raise UsageError("the model's forward called its head layer with other than one tensor, unlike when "
+                             "traced: the split at a linear head needs a forward of one form (as traced)")
+        self.output = x.new_zeros(*x.shape[:-1], self.out_features)
+        return self.output
+
+
+class HeadInput(nn.Module):
+    """The features of the split at a linear head (`head_of`): the model's forward with the head replaced
+    by a stand-in; its output is the head's input. Checked on every call: the head called once, on (n, d)
+    features, its output returned as is; a named trunk (`trunk`: (name, module)) called once. Holds
+    (shares) the model's parameters outside the head."""
+
+    def __init__(self, model: nn.Module, path: str, linear: nn.Linear, trunk: tuple[str, nn.Module] | None = None):
+        super().__init__()
+        self.__dict__["model"] = model  # not registered: `held` below are the trunk's parameters
+        self.__dict__["trunk"] = trunk
+        self.path, self.out_features = path, linear.out_features
+        head = {id(p) for p in linear.parameters()}
+        self.held = nn.ParameterList([p for p in model.parameters() if id(p) not in head])
+
+    def forward(self, x: Any) -> torch.Tensor:
+        model, trunk = self.__dict__["model"], self.__dict__["trunk"]
+        name, fix = type(model).__name__, "the split at a linear head needs a forward of one form (as traced)"
+        stand_in = _Recorder(self.out_features)
+        calls = [0]
+        hook = trunk[1].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) if trunk else None
+        try:
+            with _swapped(model, self.path, stand_in):
+                out = model(x)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if trunk is not None and calls[0] == 0:
+            raise UsageError(f"{name}.forward never called the trunk {trunk[0]!r}: name the submodule that its "
+                             "forward runs on the input")
+        if trunk is not None and calls[0] != 1:
+            raise UsageError(f"{name}.forward called the trunk {trunk[0]!r} {calls[0]} times: trunk=... needs a "
+                             "submodule called once per forward")
+        if len(stand_in.inputs) != 1:
+            raise UsageError(f"{name}.forward called {self.path!r} {len(stand_in.inputs)} times on this input (once "
+                             f"when traced): {fix}")
+        if out is not stand_in.output:
+            raise UsageError(f"{name}.forward transformed the output of {self.path!r} on this input (not when "
+                             f"traced): {fix}")
+        feats = stand_in.inputs[0]
+        if feats.dim() != 2:
+            raise UsageError(f"{name}.forward gives {self.path!r} inputs of shape {tuple(feats.shape)}: the split at "
+                             "a linear head needs (n, features); reshape them before it, or name other inner parameters")
+        return feats
+
+
+def head_split(model: nn.Module, path: str, linear: nn.Linear, trunk: tuple[str, nn.Module] | None = None
+               ) -> ModelSplit:
+    """The split whose features are the input of the head `linear` (see `head_of`), adapted part the head;
+    with an explicit `trunk` (name, module), its features include what the forward does after the trunk."""
+    adapt = Stages([linear])
+    names = {id(p): n for n, p in model.named_parameters()}
+    model_name = {n: names[id(p)] for n, p in adapt.named_parameters()}
+    features = HeadInput(model, path, linear, trunk)
+    return ModelSplit(model, features, adapt, list(model_name), [], model_name, True,
+                      trunk[0] if trunk else None, features if trunk else None)
+
 
 def explicit_split(model: nn.Module, inner: str | None, trunk: str | nn.Module) -> ModelSplit:
     """The split at an explicit trunk (see the module docstring); `inner=None`: every parameter
@@ -302,11 +463,19 @@ def explicit_split(model: nn.Module, inner: str | None, trunk: str | nn.Module) 
             hint = rest_names[-1].rsplit(".", 1)[0]
             raise UsageError(f"inner part {inner!r} includes parameters of the trunk {path!r} ({inside[0]}, ...): "
                              f"the trunk is outer-only; name parameters outside it, e.g. {hint!r}")
-    linear = _linear_of(model, inner_model)
+    named_linear = linear_of(model, inner_model)
+    linear = named_linear[1] if named_linear is not None else None
+    reason = None
     if linear is not None and _applies_linear(model, path, linear):
         adapt: nn.Module = Stages([linear])
         in_last = True
-    else:  # the inner part counts as the last stage (a head) when it is the parameters of one module
+    else:
+        if named_linear is not None:  # the forward does more after the trunk: a head at the end of it?
+            why, head_like = head_of(model, *named_linear)
+            if why is None:
+                return head_split(model, *named_linear, trunk=(path, module))
+            reason = f"{why} (layer {named_linear[0]!r})" if head_like else None
+        # the inner part counts as the last stage (a head) when it is the parameters of one module
         adapt = Rest(model, path)
         in_last = len({n.rpartition(".")[0] for n in inner_model}) == 1
     by_id = {id(p): n for n, p in named}
@@ -315,11 +484,11 @@ def explicit_split(model: nn.Module, inner: str | None, trunk: str | nn.Module) 
     inner_names = [n for n, m in model_name.items() if m in inner_set]
     outer_names = [n for n, m in model_name.items() if m not in inner_set]
     return ModelSplit(model, module, adapt, inner_names, outer_names, model_name, in_last, path,
-                      TrunkForward(model, path, module))
+                      TrunkForward(model, path, module), reason)
 
 
 def split_model(model: nn.Module, inner: str | None = "head", recompute: bool = False,
-                trunk: str | nn.Module | None = None) -> ModelSplit:
+                trunk: str | nn.Module | None = None, head_split_ok: bool = True) -> ModelSplit:
     """Split `model` into a trunk (run once per input set) and an adapted part.
 
     Args:
@@ -329,6 +498,8 @@ def split_model(model: nn.Module, inner: str | None = "head", recompute: bool = 
         recompute: put every stage in the adapted part (no trunk; automatic split only).
         trunk: None for the automatic stages; else a submodule name of `model` (dotted names allowed)
             or the submodule itself, called once by the model's forward (see the module docstring).
+        head_split_ok: whether the automatic split may cut at a linear head's input (`head_of`) where the
+            stages do not put the head alone in the adapted part (False: the stages only).
 
     Returns:
         The `ModelSplit`.
@@ -376,4 +547,17 @@ def split_model(model: nn.Module, inner: str | None = "head", recompute: bool = 
     outer_names = [n for n in model_name if model_name[n] not in inner_model_names]
     last = {id(p) for p in stages[-1][1].parameters()}
     in_last = all(id(p) in last for n, p in model.named_parameters() if n in inner_model_names)
-    return ModelSplit(model, trunk_mod, adapt, inner_names, outer_names, model_name, in_last)
+    reason = None
+    named_linear = linear_of(model, inner_model_names)
+    if named_linear is not None and not (len(adapt.parts) == 1 and adapt.parts[0] is named_linear[1]):
+        path, linear = named_linear
+        if recompute:
+            reason, head_like = "recompute_features re-runs the whole network in the inner loop", True
+        elif not head_split_ok:
+            reason, head_like = "the stages of the model do not end with it", True
+        else:
+            reason, head_like = head_of(model, path, linear)
+            if reason is None:
+                return head_split(model, path, linear)
+        reason = f"{reason} (layer {path!r})" if head_like else None
+    return ModelSplit(model, trunk_mod, adapt, inner_names, outer_names, model_name, in_last, general_reason=reason)
