@@ -187,7 +187,7 @@ def test_forward_that_leaves_the_traced_form_is_a_usage_error(tiny):
 
 
 def test_task_batched_settings_keep_the_stages_and_warn():
-    with pytest.warns(UserWarning, match="--task-chunk/--amp/--compile run Algorithm 1's gradient-descent form"):
+    with pytest.warns(UserWarning, match="task-batched path .* cannot split this model at its head's input"):
         learner = MRML(CNN(), "classification", AlgoConfig(inner="classifier", task_chunk=2))
     assert resolved(learner) == ("gd", "cg", False) and learner.split.run_trunk is None
 
@@ -202,7 +202,7 @@ def test_config_json_records_resolved_estimator(tmp_path, capsys):
     paper = tmp_path / "paper"
     assert main(["train", *TINY, "--iterations", "1", "--task-chunk", "2", "--out", str(paper)]) == 0
     cfg = json.loads((paper / "config.json").read_text())
-    assert (cfg["inner_solver"], cfg["implicit"], cfg["learn_l2"], cfg["task_chunk"]) == ("gd", "cg", False, 2)
+    assert (cfg["inner_solver"], cfg["implicit"], cfg["learn_l2"], cfg["task_chunk"]) == (*EXACT, 2)  # issue 17
     capsys.readouterr()
 
 

@@ -100,10 +100,10 @@ class InnerSolveInfo:
 
     solver: str
     iterations: int  # gd: accepted steps; newton: Newton iterations
-    grad_norm: float  # ||d_y g(x, y)|| at the returned y
+    grad_norm: float  # ||d_y g(x, y)|| at the returned y (batched gd: a 0-d tensor, no host read yet)
     capped: bool  # newton: stopped by the iteration cap before the tolerance
     stalled: bool  # newton: the line search found no decrease
-    lr: float  # gd: the step size in use at the end (after the guard's halvings); newton: the given lr
+    lr: float  # gd: the step size in use at the end (after the guard's halvings; batched: a 0-d tensor); newton: the given lr
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     floor: bool = False  # newton: stopped at the rounding floor, ||d_y g|| above the tolerance
 
@@ -296,7 +296,7 @@ def _solve_inner(g: Objective, x: Params, y0: Params, batch: Any, solver: str, s
     if batched:
         y, lr_t = descend_tasks(value_and_grad, y0, steps, lr, guard)
         norms = flatten(dict(zip(y, value_and_grad(y)[1])), batched=True).norm(dim=1)
-        return y, InnerSolveInfo("gd", steps, float(norms.max()), False, False, float(lr_t.min()),
+        return y, InnerSolveInfo("gd", steps, norms.max(), False, False, lr_t.min(),
                                  {"lr": lr_t, "grad_norm": norms})
     y, lr_end = descend(value_and_grad, y0, steps, lr, guard)
     norm = float(flatten(dict(zip(y, value_and_grad(y)[1]))).norm())
@@ -406,7 +406,7 @@ def direct_solve(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tens
 def implicit_solve(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
                    implicit: str | Callable = "cg", cg_steps: int = 20, cg_tol: float = 1e-10,
                    v0: torch.Tensor | None = None, damping: float | None = None, lr: float | None = None,
-                   steps: int | None = None) -> tuple[torch.Tensor, CGInfo]:
+                   steps: int | None = None, cg_hint: int | None = None) -> tuple[torch.Tensor, CGInfo]:
     """v ~ A^{-1} rhs on flat vectors, A = d2g/dy2 through `matvec`, by `implicit`:
 
     - "cg": `cg_steps` conjugate-gradient steps (stops at relative residual `cg_tol`), from `v0` if given;
@@ -425,11 +425,11 @@ def implicit_solve(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Te
         rows = {"iterations": zeros, "residual": resid, "bad": zeros.bool()}
         return v, CGInfo(0, float(resid.max()), bool((resid <= cg_tol).all()), 0, rows)
     if implicit == "cg":
-        return conjugate_gradient(matvec, rhs, cg_steps, cg_tol, x0=v0)
+        return conjugate_gradient(matvec, rhs, cg_steps, cg_tol, x0=v0, hint=cg_hint)
     if implicit == "direct":
         return direct_solve(matvec, rhs, cg_tol)
     if implicit == "damped":
-        return conjugate_gradient(lambda v: matvec(v) + damping * v, rhs, cg_steps, cg_tol, x0=v0)
+        return conjugate_gradient(lambda v: matvec(v) + damping * v, rhs, cg_steps, cg_tol, x0=v0, hint=cg_hint)
     return neumann_series(matvec, rhs, lr, steps)
 
 
@@ -515,7 +515,7 @@ def hypergradient(g: Objective, f: Callable[[Any, Any, Any], Any], x: Any, y: An
                   damping: float | None = None, lr: float | None = None, steps: int | None = None,
                   inner_info: InnerSolveInfo | None = None, has_aux: bool = False, batched: bool = False,
                   return_surrogate: bool = False, inner_tol: float | None = None, strict: bool = False,
-                  check: bool = True) -> tuple[Any, HypergradientInfo]:
+                  check: bool = True, cg_hint: int | None = None) -> tuple[Any, HypergradientInfo]:
     """The implicit hypergradient of f(x, y*(x)) at an inner solution y (Algorithm 1, after the inner loop).
 
     With y constant: rhs = d_y f(x, y); v solves (d2g/dy2) v = rhs (x and the batches detached); the
@@ -547,6 +547,7 @@ def hypergradient(g: Objective, f: Callable[[Any, Any, Any], Any], x: Any, y: An
             yourself (into x and anything attached in the batches) instead of the x-gradients.
         inner_tol: the bound on the inner gradient (default `default_inner_tol(dtype)`: 1e-4 in float64).
         strict: raise instead of warning.  check: run the checks at all.
+        cg_hint: CG's expected iterations: its host reads start there (`conjugate_gradient`'s `hint`).
 
     Returns:
         (grads, info): grads in x's structure -- a flat dict x: a dict over its entries that require grad;
@@ -584,7 +585,7 @@ def hypergradient(g: Objective, f: Callable[[Any, Any, Any], Any], x: Any, y: An
         v0 = flatten(detached(pytree.leaf_dict(v0)), batched)
     yr, g_value, d_y_g = _inner_grad_graph(g, x_d, yd, inner_d, batched)
     v, solve_info = implicit_solve(_matvec(yr, d_y_g, batched), rhs, implicit=implicit, cg_steps=cg_steps,
-                                   cg_tol=cg_tol, v0=v0, damping=damping, lr=lr, steps=steps)
+                                   cg_tol=cg_tol, v0=v0, damping=damping, lr=lr, steps=steps, cg_hint=cg_hint)
     with torch.enable_grad():
         mixed = mixed_term(g, xs, yd, v, inner_batch, batched=batched)
         out = f(xs, yd, outer_batch)

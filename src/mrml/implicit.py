@@ -20,16 +20,35 @@ from .errors import UsageError
 from .pytree import leaves, tree_map
 
 
-@dataclass
 class CGInfo:
     """Solver statistics: iterations run, final relative residual ||r||/||b|| (largest over the batch), whether all
-    rows converged, and how many rows met non-positive curvature (their solve stopped there)."""
+    rows converged, and how many rows met non-positive curvature (their solve stopped there); `rows` holds the
+    per-row tensors (iterations, residual, bad). The four summaries may be given as tensors: each is read on
+    the host only when first asked for (a solver that returns one costs no synchronisation until then)."""
 
-    iterations: int
-    residual: float
-    converged: bool
-    nonpositive_curvature: int
-    rows: dict[str, torch.Tensor]  # per batch row: iterations, residual, bad (curvature)
+    __slots__ = ("_values", "rows")
+    _FIELDS = {"iterations": int, "residual": float, "converged": bool, "nonpositive_curvature": int}
+
+    def __init__(self, iterations: int | torch.Tensor, residual: float | torch.Tensor, converged: bool | torch.Tensor,
+                 nonpositive_curvature: int | torch.Tensor, rows: dict[str, torch.Tensor]):
+        self._values: dict[str, Any] = {"iterations": iterations, "residual": residual, "converged": converged,
+                                        "nonpositive_curvature": nonpositive_curvature}
+        self.rows = rows  # per batch row: iterations, residual, bad (curvature)
+
+    def _get(self, name: str) -> Any:
+        value = self._values[name]
+        if isinstance(value, torch.Tensor):  # the host read, once
+            value = self._values[name] = self._FIELDS[name](value)
+        return value
+
+    iterations = property(lambda self: self._get("iterations"))
+    residual = property(lambda self: self._get("residual"))
+    converged = property(lambda self: self._get("converged"))
+    nonpositive_curvature = property(lambda self: self._get("nonpositive_curvature"))
+
+    def __repr__(self) -> str:
+        return (f"CGInfo(iterations={self.iterations}, residual={self.residual}, converged={self.converged}, "
+                f"nonpositive_curvature={self.nonpositive_curvature})")
 
 
 def conjugate_gradient(
@@ -38,6 +57,7 @@ def conjugate_gradient(
     max_iter: int = 20,
     tol: float = 1e-10,
     x0: torch.Tensor | None = None,
+    hint: int | None = None,
 ) -> tuple[torch.Tensor, CGInfo]:
     """Approximately solve `matvec(x) = b` (A symmetric positive definite) in at most `max_iter` steps.
 
@@ -51,6 +71,9 @@ def conjugate_gradient(
         b: right-hand side, (n,) or (..., n) rows solved independently.
         max_iter: most CG steps.  tol: relative residual at which a row stops (finite, >= 0).
         x0: starting point.
+        hint: the iterations expected (e.g. the last solve's most): whether any row is still active is
+            read on the host at iterations hint, hint + 1, hint + 3, hint + 7, ... only, finished rows
+            masked in between (one or two reads when the hint is right); None: every iteration.
 
     Returns:
         (x, info): the solution shaped as b, and `CGInfo` (iterations, worst relative residual -- NaN when a
@@ -81,7 +104,8 @@ def conjugate_gradient(
     bad = torch.zeros_like(active)
     iters = torch.zeros(b.shape[:-1], dtype=torch.long, device=b.device)
     it = 0
-    while it < max_iter and bool(active.any()):
+    checks = None if hint is None else {max(hint, 0) + 2**j - 1 for j in range(max(max_iter, 1).bit_length() + 1)}
+    while it < max_iter and ((checks is not None and it not in checks) or bool(active.any())):
         iters += active.squeeze(-1).long()
         ap = matvec(p)
         pap = (p * ap).sum(-1, keepdim=True)
@@ -101,8 +125,8 @@ def conjugate_gradient(
     row_residual = (rs.sqrt() / bnorm).squeeze(-1)
     rows = {"iterations": iters, "residual": row_residual, "bad": bad.squeeze(-1)}
     done = torch.isfinite(rs) & (rs.sqrt() <= tol * bnorm)  # False for NaN rows, which stop without converging
-    converged = bool(done.all()) and not bool(bad.any())
-    return x, CGInfo(it, float(row_residual.max()), converged, int(bad.sum()), rows)
+    converged = done.all() & ~bad.any()
+    return x, CGInfo(iters.max() if checks is not None else it, row_residual.max(), converged, bad.sum(), rows)
 
 
 def neumann_series(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, alpha: float,
@@ -119,7 +143,7 @@ def neumann_series(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tens
     resid = (matvec(v) - b).norm(dim=-1) / bnorm
     iters = torch.full(b.shape[:-1], terms, dtype=torch.long, device=b.device)
     rows = {"iterations": iters, "residual": resid, "bad": torch.zeros_like(iters, dtype=torch.bool)}
-    return v, CGInfo(terms, float(resid.max()), False, 0, rows)
+    return v, CGInfo(terms, resid.max(), False, 0, rows)
 
 
 def _flat_tree(tree: Any) -> torch.Tensor:

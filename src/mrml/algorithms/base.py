@@ -54,6 +54,18 @@ class StepStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def host_floats(values: dict[str, Any]) -> dict[str, float]:
+    """`values` as Python floats, the tensors among them read in one host synchronisation."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    read: dict[str, float] = {}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        stacked = torch.stack([t.detach().reshape(()).to(device, dtype) for t in tensors.values()])
+        read = dict(zip(tensors, stacked.tolist()))
+    return {k: read[k] if k in read else float(v) for k, v in values.items()}
+
+
 def mean_stats(per_task: list[StepStats]) -> StepStats:
     """The mean of per-task statistics.
 
@@ -280,9 +292,17 @@ class MetaAlgorithm(abc.ABC):
             problem = self.head_loss(pytree.detach(feats), labels, centre)
             w, self.last_inner = newton_head(problem, self.head.matrix(detached(y0)), steps, cfg.inner_tol)
             return self.head.params(w)
-        y, info = fn.solve_inner(self.inner_objective, xa, y0, (feats, labels, centre, None),
-                                 solver=cfg.inner_solver, steps=steps, lr=lr, tol=cfg.inner_tol,
-                                 guard=not cfg.plain_inner, cg_steps=cfg.cg_steps)
+        batch = (feats, labels, centre, None)
+        if cfg.inner_solver == "gd":  # the task-batched path's masked loop on one task: no host read per step
+            def g1(x: Params, y: Params, b: tuple) -> torch.Tensor:
+                return self.inner_objective(x, {k: v[0] for k, v in y.items()}, b).unsqueeze(0)
+
+            y1, info = fn.solve_inner(g1, xa, {k: v.detach().unsqueeze(0) for k, v in y0.items()}, batch, solver="gd",
+                                      steps=steps, lr=lr, guard=not cfg.plain_inner, batched=True)
+            self.last_inner, self.last_inner_lr = info.as_inner_info(), info.lr
+            return {k: v[0] for k, v in y1.items()}
+        y, info = fn.solve_inner(self.inner_objective, xa, y0, batch, solver=cfg.inner_solver, steps=steps, lr=lr,
+                                 tol=cfg.inner_tol, guard=not cfg.plain_inner, cg_steps=cfg.cg_steps)
         self.last_inner, self.last_inner_lr = info.as_inner_info(), info.lr
         return y
 

@@ -292,7 +292,8 @@ class TaskBatched:
         surrogate, info = fn.hypergradient(g, f, xa, y, inner_batch=(fs, sy, algo.centre(True), algo.l2_attached()),
                                            outer_batch=(fq, qy), cg_steps=cfg.cg_steps, cg_tol=cfg.cg_tol, v0=v0,
                                            inner_info=inner, has_aux=True, batched=True, return_surrogate=True,
-                                           check=False)  # Algorithm 1 truncates the solves on purpose
+                                           check=False,  # Algorithm 1 truncates the solves on purpose
+                                           cg_hint=algo.cg_hint)
         (scale * surrogate).backward()
 
         v = fn.flatten(info.v, batched=True)
@@ -302,17 +303,21 @@ class TaskBatched:
             for c, t in enumerate(ids):
                 if t is not None:
                     algo._warm[t] = ({k: t_[c].clone() for k, t_ in y.items()}, v[c].clone())
-        losses = info.outer_loss.tolist()
-        task_accs = algo.loss.accuracies(info.aux.detach(), qy)
-        accs: list[float | None] = task_accs.tolist() if task_accs is not None else [None] * len(eps)
         rows = info.solve.rows  # per task: iterations, residual, bad (non-positive curvature)
-        its, res, bad = rows["iterations"].tolist(), rows["residual"].tolist(), rows["bad"].tolist()
-        lrs, norms = inner.rows["lr"].tolist(), inner.rows["grad_norm"].tolist()
+        table = [info.outer_loss.detach(), rows["iterations"], rows["residual"], rows["bad"], inner.rows["lr"],
+                 inner.rows["grad_norm"]]
+        task_accs = algo.loss.accuracies(info.aux.detach(), qy)
+        if task_accs is not None:
+            table.append(task_accs)
+        read = torch.stack([t.to(torch.float64) for t in table]).tolist()  # the chunk's one host read
+        losses, its, res, bad, lrs, norms = read[:6]
+        accs: list[float | None] = read[6] if task_accs is not None else [None] * len(eps)
+        algo.cg_hint = int(max(its))
         return [
-            StepStats(float(losses[c]), accs[c], {
-                "cg_iterations": float(its[c]), "cg_residual": float(res[c]), "nonpositive_curvature": float(bad[c]),
-                "inner_lr": float(lrs[c]), "inner_iterations": float(cfg.inner_steps),
-                "inner_grad_norm": float(norms[c]), "inner_capped": 0.0, "inner_stalled": 0.0,
+            StepStats(losses[c], accs[c], {
+                "cg_iterations": its[c], "cg_residual": res[c], "nonpositive_curvature": bad[c],
+                "inner_lr": lrs[c], "inner_iterations": float(cfg.inner_steps),
+                "inner_grad_norm": norms[c], "inner_capped": 0.0, "inner_stalled": 0.0,
             })
             for c in range(len(eps))
         ]

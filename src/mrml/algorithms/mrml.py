@@ -53,7 +53,7 @@ from ..errors import NonFiniteError, UsageError
 from ..implicit import CGInfo
 from ..models.split import Params
 from ..pytree import detach
-from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached
+from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, host_floats
 from .exact_head import head_step, step_records
 from .guards import all_finite
 from .linear_head import LinearHeadLoss
@@ -111,8 +111,10 @@ class MRML(MetaAlgorithm):
                              "Algorithm 1's gradient-descent form: use --inner-solver gd --implicit cg without "
                              "--learn-l2 for this inner part, or drop those options")
         self._warm: dict[Any, tuple[Params, torch.Tensor]] = {}
-        #: Newton iterations the last exact head solve needed (its host checks start there; None: every one)
+        #: Newton iterations the last exact head solve needed, CG iterations the last linear solve needed
+        #: (their host checks start there; None: every iteration)
         self.newton_hint: int | None = None
+        self.cg_hint: int | None = None
 
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
                       scale: float | None = None, *, accumulate: bool = False,
@@ -183,6 +185,7 @@ class MRML(MetaAlgorithm):
         lr, k = self.last_inner_lr, cfg.inner_steps
         damping = max(0.0, 1.0 / (lr * max(k, 1)) - self.l2) if cfg.implicit == "damped" else None
         return fn.implicit_solve(hvp, rhs, implicit=cfg.implicit, cg_steps=cfg.cg_steps, cg_tol=cfg.cg_tol, v0=v0,
+                                 cg_hint=self.cg_hint,
                                  damping=damping, lr=lr, steps=k)
 
     def query_gradient(self, xa: Params, y: Params, fq: Any, qy: torch.Tensor) -> torch.Tensor:
@@ -256,12 +259,20 @@ class MRML(MetaAlgorithm):
         mixed = self.mixed_term(xa, y, v, fs, ep.support_y, self.centre(True))
         f, pred = self.outer_objective(xa, detached(y), (fq, ep.query_y))
         (scale * (f - mixed)).backward()
-        stats = {"cg_iterations": float(info.iterations), "cg_residual": info.residual,
-                 "nonpositive_curvature": float(info.nonpositive_curvature), "inner_lr": self.last_inner_lr,
-                 **self.last_inner.stats()}
+        rows, last = info.rows, self.last_inner
+        stats = {"loss": f.detach(), "cg_iterations": rows["iterations"].max(), "cg_residual": rows["residual"].max(),
+                 "nonpositive_curvature": rows["bad"].any(), "inner_lr": self.last_inner_lr,
+                 "inner_iterations": last.iterations, "inner_grad_norm": last.grad_norm,
+                 "inner_capped": last.capped, "inner_stalled": last.stalled}
         if self.log_l2 is not None:
-            stats["l2"] = self.l2
-        return StepStats(float(f.detach()), self.loss.accuracy(pred, ep.query_y), stats)
+            stats["l2"] = self.log_l2.detach().exp()
+        accs = self.loss.accuracies(pred, ep.query_y)
+        if accs is not None:
+            stats["accuracy"] = accs
+        stats = host_floats(stats)  # one host read
+        self.cg_hint = int(stats["cg_iterations"])
+        loss, acc = stats.pop("loss"), stats.pop("accuracy", None)
+        return StepStats(loss, acc, stats)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
