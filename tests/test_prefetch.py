@@ -156,3 +156,16 @@ def test_prefetch_stops_on_interrupt(tmp_path, monkeypatch, how):
         train(cfg, progress=False)
     assert seen[0] == 1  # the thread was running during the steps
     assert not episode_threads()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefetched_episodes_identical_on_cuda(cifar):
+    """On CUDA the thread pins the episodes and the loop copies them with non_blocking=True: same tensors."""
+    cfg = RunConfig(**cifar, ways=3, shots=1, query=2, meta_batch=2, augment=True, width=4, device="cuda")
+    run = build_run(cfg)
+    with EpisodeFeed(run, 0, 3, range(2), ahead=2) as feed:
+        prefetched = [feed(it) for it in range(3)]
+    torch.cuda.synchronize()
+    for it, eps in enumerate(prefetched):
+        assert eps[0].support_x.is_cuda
+        assert_same_episodes(eps, run.episodes(it, range(2)))
