@@ -80,6 +80,9 @@ class RunConfig:
     dtype: str = setting("float32", "float32 (default) or float64", choices=("float32", "float64"))
     threads: int | None = setting(None, "CPU threads for torch (default: one per core; 1 is faster when other jobs "
                                         "share the cores)", range=ints(1, 1024))
+    prefetch: int = setting(2, "meta-iterations whose training episodes a background thread prepares ahead "
+                               "(0: on the training thread; the episodes are the same)",
+                            range=ints(0, 64, hint="e.g. 2; 0 turns it off"))
     out: str | None = setting(None, "run folder (config.json, metrics.jsonl, checkpoint.pt, final.json)")
     preset: str | None = setting(None, "the authors' settings: cifar-fs, fc100, mini-imagenet, tiered-imagenet; "
                                        "paper: mrml in the paper's form (gd inner steps, CG) on any dataset")

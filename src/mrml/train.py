@@ -37,6 +37,7 @@ from .evaluate import episode_scores, meta_test, summarize
 from .memory import PeakMemoryMeter
 from .models import build_model
 from .models.backbones import DEFAULT_WIDTH
+from .prefetch import EpisodeFeed
 from .runlock import RunLock
 
 TENSORBOARD = "tensorboard"  # the folder of --tensorboard's event files, inside the run folder
@@ -68,7 +69,9 @@ class Run:
     device: torch.device
     dtype: torch.dtype
 
-    def episodes(self, iteration: int, indices: range | None = None) -> list:
+    def episodes(self, iteration: int, indices: range | None = None, device: torch.device | None = None) -> list:
+        """The training episodes `indices` (default: all) of meta-iteration `iteration`, on `device` (default:
+        the run's), cast to the run's dtype. Training draws them through a `prefetch.EpisodeFeed`."""
         cfg = self.config
         idx = indices if indices is not None else range(cfg.meta_batch)
         out = []
@@ -76,7 +79,7 @@ class Run:
             n = iteration * cfg.meta_batch + b
             seek_augmentation(self.source, n * cfg.ways)
             out.append(self.source.episode("train", cfg.ways, cfg.shots, cfg.query,
-                                           episode_rng(cfg.seed, "train", n)).to(self.device, self.dtype))
+                                           episode_rng(cfg.seed, "train", n)).to(device or self.device, self.dtype))
         return out
 
     def validate(self, ctx: distributed.DistContext) -> dict[str, Any]:
@@ -259,7 +262,7 @@ def restore(run: Run, state: dict[str, Any], out: Path, optimizer: bool = True) 
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{out / 'checkpoint.pt'} does not fit the model its config builds "
                          f"({' '.join(str(e).split())[:160]}): is it damaged?") from None
-    for key in ("best_validation", "plain_timing"):
+    for key in ("best_validation", "plain_timing", "data_wait"):
         if key in state and state[key] is not None and not isinstance(state[key], (dict, list, tuple)):
             raise UsageError(f"{out / 'checkpoint.pt'} is damaged: {key!r} is a {type(state[key]).__name__}")
 
@@ -291,10 +294,12 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
     cfg = run.config
     done, elapsed, best, owed = 0, 0.0, None, False  # owed: the validation of iteration `done` is still to run
     plain = [0.0, 0]  # seconds and count of the iterations run outside the memory meter (the timing figure)
+    data_wait = [0.0, 0]  # seconds the loop waited for its episodes, over how many iterations (final.json)
     if state is not None:
         restore(run, state, out)
         done, elapsed, best = state["iteration"], float(state["seconds"]), state.get("best_validation")
         plain = list(state.get("plain_timing", plain))
+        data_wait = list(state.get("data_wait", data_wait))
         owed = bool(state.get("validation_owed", False))
         if ctx.is_main:
             _truncate_metrics(out / "metrics.jsonl", done, stream)
@@ -314,7 +319,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
             return
         save_checkpoint(out / "checkpoint.pt", {
             "config": cfg.to_dict(), "iteration": done, "seconds": elapsed, "best_validation": best,
-            "plain_timing": plain, "validation_owed": validation_owed,
+            "plain_timing": plain, "validation_owed": validation_owed, "data_wait": data_wait,
             "augment_calls": done * cfg.meta_batch * cfg.ways,  # where the augmentation counter resumes
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "algo": run.algo.state_dict(),
             "model_spec": spec,  # what rebuilds the network without its dataset (mrml.load_run, mrml export)
@@ -358,6 +363,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.iterations, initial=done, desc=f"{cfg.algo} {cfg.dataset}", dynamic_ncols=True)
+    feed = EpisodeFeed(run, done, cfg.iterations, ctx.shard(cfg.meta_batch), cfg.prefetch)
     try:
         if owed:
             validate()
@@ -365,7 +371,9 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
             it = done
             t0 = time.perf_counter()
             shard = ctx.shard(cfg.meta_batch)
-            eps = run.episodes(it, shard)
+            waited = feed.waited
+            eps = feed(it)
+            data_wait[0], data_wait[1] = data_wait[0] + feed.waited - waited, data_wait[1] + 1
             logged = (it + 1) % cfg.log_every == 0 or it == 0  # not on resuming: the log matches an unbroken run
             meter = PeakMemoryMeter(run.device) if logged else None
             with meter if meter is not None else contextlib.nullcontext():
@@ -422,6 +430,8 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
         if getattr(e, "reported", False) or e.forced:
             raise
         stop(e.signum, "interrupted during validation")
+    finally:
+        feed.close()  # the episode thread never outlives the loop
     if bar is not None:
         bar.close()
     checkpoint()
@@ -441,6 +451,7 @@ def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[s
     final = {"algo": cfg.algo, "dataset": cfg.dataset, "iterations": cfg.iterations, "seconds": round(elapsed, 3),
              "seconds_per_iteration": round(per_it, 5), "timed_iterations": plain[1] or cfg.iterations,
              "best_validation": best,
+             "data_wait_s": round(data_wait[0] / data_wait[1], 6) if data_wait[1] else None,
              "peak_mb": _max_peak(metrics), "device": str(run.device), **{k: test[k] for k in
              ("accuracy", "ci95", "loss", "loss_ci95", "episodes", "seed")}}
     atomic_json(out / "final.json", final)
