@@ -154,6 +154,9 @@ class FewShotDataset:
             raise UsageError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
         if ways < 1 or shots < 1 or query < 1:
             raise UsageError(f"ways, shots and query must be >= 1 (got ways={ways}, shots={shots}, query={query})")
+        if ways < 2:
+            raise UsageError("1-way classification has one answer, always right (100% accuracy, nothing learnt): "
+                             "use --ways 2 or more")
         part = self.splits[split]
         if ways > part.num_classes:
             raise UsageError(
