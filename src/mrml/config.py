@@ -21,7 +21,7 @@ from .validation import BIG, EPISODES_MAX, SEED_MAX, floats, ints
 #: the settings RunConfig takes from its AlgoConfig (flat in config.json, `cfg.inner_steps` reads them)
 ALGO_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AlgoConfig))
 COUNT_MAX = 10**5  # ways, shots, query, meta-batch
-OUTER_LR_MAX = 1e3  # Adam's first step is lr / (1 - beta1): 1e38 overflows float32; a sane outer rate is far below
+OUTER_LR_MAX = 1e37  # Adam's first step is lr / (1 - beta1): above ~3e37 that scalar overflows float32 (a traceback)
 #: datasets whose inputs are feature vectors, not images: their default backbone is mlp
 FEATURE_DATASETS = ("sinusoid",)
 
