@@ -156,6 +156,7 @@ class RunConfig:
         the exact inner solve (newton, mrml's and imaml's default) with --inner-steps 0 (no inner solve at
         all), and --amp fp16 on the CPU (fp16 autocast there is slow and not what is meant; bf16 is fine)."""
         from .algorithms import ALGORITHMS
+        from .train import pick_device
 
         algo = ALGORITHMS.get(self.algo)
         solvers = getattr(algo, "inner_solvers", ("gd",))
@@ -164,7 +165,7 @@ class RunConfig:
             raise UsageError(f"--inner-steps 0 leaves {self.algo}'s exact inner solve (newton) no iteration, so the "
                              "task is never fitted: give --inner-steps >= 1 (the solve's cap), or --inner-solver gd "
                              "for no inner step")
-        if self.amp == "fp16" and self.device in ("auto", "cpu") and not (self.device == "auto" and _cuda()):
+        if self.amp == "fp16" and pick_device(self.device).type == "cpu":
             raise UsageError("--amp fp16 is for CUDA devices; on the CPU use --amp bf16 (or no --amp)")
 
     def dataset_options(self) -> dict[str, Any]:
@@ -242,9 +243,3 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise UsageError(f"--config {path}: {key}: {e}") from None
     data.pop("out", None)
     return data
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
