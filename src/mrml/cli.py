@@ -55,6 +55,25 @@ def train_settings() -> list[str]:
     return [f.name for cls in (RunConfig, AlgoConfig) for f in cli_settings(cls)]
 
 
+def replace_options(base: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """`base` with the options that `extra` gives again replaced by `extra`'s (an option may be given once).
+
+    Example:
+        >>> replace_options(["--ways", "3", "--no-progress", "--width", "4"], ["--ways", "5"])
+        ['--no-progress', '--width', '4', '--ways', '5']
+    """
+    given = {a for a in extra if a.startswith("--")}
+    kept, skip = [], False
+    for a in base:
+        if skip and not a.startswith("--"):
+            skip = False
+            continue
+        skip = a in given
+        if not skip:
+            kept.append(a)
+    return [*kept, *extra]
+
+
 def explicit_options(ns: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return {k: getattr(ns, k) for k in names if getattr(ns, k, None) is not None}
 
