@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from mrml.cli import replace_options
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -49,7 +51,7 @@ def settings_of(name: str) -> tuple[str, list[str]]:
     for kv in filter(None, rest.split("+")):
         k, v = kv.split("=", 1)
         extra += ["--" + k.replace("_", "-")] + ([] if v == "true" else [v])
-    return algo, SETTINGS[algo] + extra
+    return algo, replace_options(SETTINGS[algo], extra)  # an option is given once: extra's replace SETTINGS
 
 
 def run_dir(name: str, shots: int, iterations: int, seed: int = 0) -> Path:

@@ -1,7 +1,7 @@
 """Reproduce the committed CPU memory benchmark: benchmarks/results/memory_cpu.json and memory_cpu.png.
 
     python benchmarks/memory.py            # the committed settings
-    python benchmarks/memory.py --threads 1   # extra options are passed on (a later option wins)
+    python benchmarks/memory.py --threads 1   # extra options are passed on (replacing the same ones of SETTINGS)
 
 It is `mrml bench memory` (see `mrml.bench`) with these settings: Conv-4-64 on synthetic 3x32x32 images,
 5-way 5-shot, 5 query images per class, meta-batch 4, K in 1,5,10,20,50,100 for mrml, MAML, ANIL,
@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mrml.cli import main
+from mrml.cli import main, replace_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -31,8 +31,8 @@ SETTINGS = [
 
 
 def run(extra: list[str]) -> int:
-    return main(["bench", "memory", *SETTINGS, "--json", str(RESULTS / "memory_cpu.json"),
-                 "--plot", str(RESULTS / "memory_cpu.png"), *extra])
+    return main(["bench", "memory", *replace_options([*SETTINGS, "--json", str(RESULTS / "memory_cpu.json"),
+                                                      "--plot", str(RESULTS / "memory_cpu.png")], extra)])
 
 
 if __name__ == "__main__":

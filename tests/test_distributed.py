@@ -115,7 +115,8 @@ def test_validation_longer_than_the_timeout_does_not_starve_ranks(tmp_path):
     """8 validation episodes at 0.5 s each: 4 s on rank 0 alone would outlast --dist-timeout 3 for the rank
     waiting in the next step; shared, each rank takes 2 s. The validation records equal a single process's."""
     single, multi, port = tmp_path / "single", tmp_path / "multi", free_port()
-    args = [*ARGS, "--val-episodes", "8", "--val-every", "1", "--iterations", "2"]
+    i = ARGS.index("--val-episodes")
+    args = [*ARGS[:i], *ARGS[i + 2:], "--val-episodes", "8", "--val-every", "1", "--iterations", "2"]
     args[args.index("--dist-timeout") + 1] = "3"
     run_single(args, single)
     procs = launch(multi, None, 2, port, args, entry=("-c", SLOW_VALIDATION))

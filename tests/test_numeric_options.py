@@ -89,3 +89,75 @@ def test_every_bench_option(capsys, monkeypatch):
     for option in options:
         for value in VALUES:
             run(capsys, ["bench", "memory", *without(BENCH, option), option, value], {0, 1})
+
+
+def subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every (sub)command parser of `mrml`, with the words that reach it."""
+    out = [(path, parser)] if path else []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += subcommands(sub, (*path, name))
+    return out
+
+
+def test_every_single_valued_option_given_twice_is_refused(capsys):
+    """`--resume A --resume B` and the like: which one was meant? One line, exit 2, whatever the command."""
+    checked = set()
+    for path, parser in subcommands(build_parser()):
+        for action in parser._actions:
+            if not action.option_strings or action.nargs is not None or type(action).__name__ != "_StoreOnce":
+                continue
+            first, second = (list(action.choices)[:2] if action.choices and len(action.choices) > 1
+                             else ["1", "2"] if action.type in (int, float) else ["a", "b"])
+            option = action.option_strings[0]
+            code = main([*path, option, first, option, second])
+            err = capsys.readouterr().err.strip()
+            assert code == 2 and err.startswith("error:") and "\n" not in err, (path, option, err)
+            assert f"{option} given twice" in err, (path, option, err)
+            checked.add((path[0], option))
+    assert {("train", "--resume"), ("train", "--config"), ("train", "--ways"), ("eval", "--episodes"),
+            ("bench", "--steps"), ("data", "--root")} <= checked
+
+
+def refused(capsys, argv: list[str], needle: str) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "\n" not in err and "Traceback" not in err, (argv, err)
+    assert needle in err, (argv, err)
+
+
+# the command-line cases of issues 18 and 21: each one line and exit 2 (named tests for each in test_cli.py)
+CASES = [
+    (["--ways", "1"], "--ways 2 or more"),
+    (["--dataset", "sinusoid", "--ways", "1", "--backbone", "conv4"], "use --backbone mlp"),
+    (["--dataset", "sinusoid", "--ways", "1", "--backbone", "resnet12"], "use --backbone mlp"),
+    (["--inner-steps", "0", "--inner-solver", "newton"], "--inner-steps >= 1"),
+    (["--learn-l2", "--no-learn-l2"], "not allowed with"),
+    (["--prox", "--no-prox"], "not allowed with"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp bf16"),
+    (["--outer-lr", "1e38"], "--outer-lr must be"),
+    (["--dataset", "sinusoid", "--ways", "1", "--data-root", "."], "drop --data-root"),
+    *[(["--device", d], "device") for d in ("meta", "cpu:5", "xla", "cuda:99", *(() if torch.cuda.is_available()
+                                                                                   else ("cuda",)),
+                                         *(() if torch.backends.mps.is_available() else ("mps",)))],
+]
+
+
+@pytest.mark.parametrize("args, needle", CASES)
+def test_command_line_cases_are_one_line(tmp_path, capsys, args, needle):
+    base = TRAIN
+    for option in args:
+        if option.startswith("--") and option in base:
+            base = without(base, option)
+    refused(capsys, ["train", *base, *args, "--out", str(tmp_path / "r")], needle)
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_bench_steps_are_checked_before_anything_is_measured(capsys, monkeypatch):
+    def measured(*_):
+        raise AssertionError("a configuration was measured before --steps was checked")
+
+    monkeypatch.setattr(bench, "run_in_subprocess", measured)
+    refused(capsys, ["bench", "memory", *without(BENCH, "--steps"), "--steps", "1,1000000000"],
+            "--steps expects comma-separated integers >= 1 and <= 1000000 (got 1000000000)")

@@ -20,7 +20,11 @@ SIN = ["--dataset", "sinusoid", "--ways", "1", "--shots", "5", "--query", "5", "
 
 
 def train(out: Path, *extra: str) -> int:
-    return main(["train", *SIN, "--out", str(out), *extra])
+    """`mrml train` with SIN, whose options that `extra` gives again are dropped (an option is given once)."""
+    given = {a for a in extra if a.startswith("--")}
+    base = [a for i, a in enumerate(SIN)
+            if a not in given and not (i and SIN[i - 1] in given and not a.startswith("--"))]
+    return main(["train", *base, "--out", str(out), *extra])
 
 
 def one_line(capsys, code: int, expected: int, *needles: str) -> str:

@@ -242,6 +242,14 @@ def test_config_file_flags_win_and_out_is_ignored(tmp_path):
     ("[1, 2]", "one JSON object"),
     ("{not json", "not valid JSON"),
     (json.dumps({"amp": "fp8"}), "--amp must be bf16 or fp16"),
+    (json.dumps({"ways": "5"}), "ways: --ways must be an integer (got '5')"),
+    (json.dumps({"ways": None}), "ways: --ways must be given a value (got None)"),
+    (json.dumps({"ways": [5]}), "ways: --ways must be an integer (got [5])"),
+    (json.dumps({"outer_lr": "0.1"}), "outer_lr: --outer-lr must be a number (got '0.1')"),
+    (json.dumps({"augment": "yes"}), "augment: setting augment must be a bool (got 'yes')"),
+    (json.dumps({"dataset": None}), "dataset: --dataset must be given a value"),
+    (json.dumps({"inner_steps": -1}), "inner_steps: --inner-steps must be >= 0"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
 ])
 def test_bad_config_file_is_one_line(tmp_path, capsys, content, needle):
     path = tmp_path / "c.json"
@@ -257,3 +265,44 @@ def test_config_missing_file_and_with_resume(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(tmp_path), "--config", str(tmp_path / "c.json")]) == 2
     assert "only --iterations may change" in capsys.readouterr().err
+
+
+def test_deeply_nested_config_is_one_line(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text('{"ways": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert cli.main(["train", "--config", str(path), "--iterations", "0", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "nested too deeply" in err, err
+
+
+def test_config_file_values_are_checked_with_the_option_types():
+    """The checks read_config_file applies are the options' own: a value the command line refuses is refused."""
+    from mrml.settings import check_setting, field_of
+    for name, bad in (("ways", "5"), ("ways", None), ("ways", 2.0), ("ways", True), ("l2", "0.1"), ("amp", 3),
+                      ("learn_l2", "no")):
+        cls = AlgoConfig if name in {f.name for f in fields(AlgoConfig)} else RunConfig
+        with pytest.raises(UsageError):
+            check_setting(field_of(cls, name), bad)
+    check_setting(field_of(AlgoConfig, "l2"), None)  # optional: the algorithm's default
+    check_setting(field_of(AlgoConfig, "l2"), 1)  # an int is a number
+
+
+def test_sinusoid_default_backbone_is_mlp_and_old_configs_read_back_as_what_ran():
+    assert RunConfig(dataset="sinusoid").backbone == "mlp"
+    assert RunConfig.resolve({"dataset": "sinusoid"}).backbone == "mlp"
+    assert RunConfig(dataset="sinusoid", backbone="conv4").backbone == "conv4"  # explicit: kept (refused when built)
+    assert RunConfig(dataset="tiny").backbone == "conv4"
+    old = {**OLD_CONFIG, "dataset": "sinusoid", "ways": 1, "backbone": "conv4"}  # written when conv4 meant mlp there
+    assert RunConfig.from_dict(old).backbone == "mlp"
+
+
+def test_every_switch_pair_excludes_itself():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    pairs = [f.name for cls in (RunConfig, AlgoConfig) for f in cli_settings(cls) if f.metadata.get("no_help")]
+    assert {"learn_l2", "prox"} <= set(pairs)
+    for name in pairs:
+        with pytest.raises(UsageError, match="not allowed with argument"):
+            sub.parse_args([flag(name), "--no-" + flag(name)[2:]])
+        assert getattr(sub.parse_args(["--no-" + flag(name)[2:]]), name) is False
+        assert getattr(sub.parse_args([flag(name)]), name) is True

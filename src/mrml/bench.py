@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import harness
-from .algorithms.algo_config import AlgoConfig
+from .algorithms.algo_config import STEPS_MAX, AlgoConfig
 from .config import RunConfig
 from .errors import UsageError
 from .settings import add_options, check_settings, like, setting
@@ -175,7 +175,7 @@ def build_config(s: BenchSettings, source: Any, algo: str, variant: str, inner_s
     dtype = getattr(torch, cfg.dtype)
     source.check_episode("train", cfg.ways, cfg.shots, cfg.query)
     torch.manual_seed(cfg.seed)
-    backbone = cfg.backbone if source.kind == "classification" or cfg.backbone != "conv4" else "mlp"
+    backbone = cfg.backbone
     try:
         model = build_model(backbone, source.input_shape, source.num_outputs(cfg.ways), cfg.width).to(device, dtype)
     except RuntimeError as e:
@@ -504,8 +504,8 @@ def parse_steps(text: str) -> list[int]:
             k = int(t)
         except ValueError:
             raise UsageError(f"--steps expects comma-separated integers >= 1 (got {t!r} in {text!r})") from None
-        if k < 1:
-            raise UsageError(f"--steps expects comma-separated integers >= 1 (got {k})")
+        if not 1 <= k <= STEPS_MAX:  # the range of --inner-steps (AlgoConfig), checked before anything is measured
+            raise UsageError(f"--steps expects comma-separated integers >= 1 and <= {STEPS_MAX} (got {k})")
         out.append(k)
     return sorted(set(out))
 

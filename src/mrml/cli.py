@@ -14,7 +14,24 @@ from typing import Any, Callable, Sequence
 from .errors import Interrupted, NonFiniteError, UsageError
 
 
+class _StoreOnce(argparse._StoreAction):
+    """argparse's `store`, refusing an option given twice (`--resume A --resume B`: which one was meant?)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = namespace.__dict__.setdefault("_given_once", {})
+        if option_string is not None and self.dest in given:
+            parser.error(f"{option_string} given twice ({given[self.dest]!r}, then {values!r}): give it once")
+        given[self.dest] = values
+        super().__call__(parser, namespace, values, option_string)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)  # every single-valued option: once
+        self.register("action", "store", _StoreOnce)
+
     def error(self, message: str) -> None:  # one line, exit 2
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
@@ -36,6 +53,25 @@ def train_settings() -> list[str]:
     from .settings import cli_settings
 
     return [f.name for cls in (RunConfig, AlgoConfig) for f in cli_settings(cls)]
+
+
+def replace_options(base: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """`base` with the options that `extra` gives again replaced by `extra`'s (an option may be given once).
+
+    Example:
+        >>> replace_options(["--ways", "3", "--no-progress", "--width", "4"], ["--ways", "5"])
+        ['--no-progress', '--width', '4', '--ways', '5']
+    """
+    given = {a for a in extra if a.startswith("--")}
+    kept, skip = [], False
+    for a in base:
+        if skip and not a.startswith("--"):
+            skip = False
+            continue
+        skip = a in given
+        if not skip:
+            kept.append(a)
+    return [*kept, *extra]
 
 
 def explicit_options(ns: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -96,7 +132,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
         train(resume=ns.resume, iterations=opts.get("iterations"), progress=not ns.no_progress)
     else:
         base = read_config_file(ns.config) if ns.config is not None else None
-        train(RunConfig.resolve(opts, base), progress=not ns.no_progress)
+        cfg = RunConfig.resolve(opts, base)
+        cfg.check_for_training()
+        train(cfg, progress=not ns.no_progress)
     return 0
 
 
@@ -111,6 +149,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         raise UsageError(f"--data-root {ns.data_root} is not a folder: pass the folder that holds the dataset")
     run = load_run(ns.run_dir, device=ns.device, test_steps=ns.test_steps, test_lr=ns.test_lr,
                    data_root=ns.data_root if ns.dataset is None else None)  # the run's own data, moved
+    refuse_nonfinite_state(run)
     cfg = run.config
     if cfg.threads is not None:
         import torch
@@ -133,6 +172,19 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     else:
         print(f"{ns.split} loss: {result['loss']:.4f} ± {result['loss_ci95']:.4f} ({result['episodes']} episodes{on})")
     return 0
+
+
+def refuse_nonfinite_state(run: Any) -> None:
+    """One-line UsageError when a loaded run's learned state (weights, learned lambda, ...) is not finite:
+    a checkpoint that holds inf or NaN is damaged, and evaluating it would print a meaningless score."""
+    import torch
+
+    for name, value in {**run.model.state_dict(), **run.learner.state_dict()}.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            what = "the learned lambda (log_l2)" if name.endswith("log_l2") else f"{name!r}"
+            raise UsageError(f"{Path(run.run_dir) / 'checkpoint.pt'} is damaged: {what} is not finite "
+                             f"({value.flatten()[~torch.isfinite(value.flatten())][0].item()}): restore it from a "
+                             "copy or train again")
 
 
 def cmd_data(ns: argparse.Namespace) -> int:

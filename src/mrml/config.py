@@ -15,12 +15,15 @@ from typing import Any
 from .algorithms.algo_config import AlgoConfig
 from .errors import UsageError
 from .presets import preset_settings
-from .settings import check_settings, default_of, setting
-from .validation import BIG, EPISODES_MAX, LR_MAX, SEED_MAX, floats, ints
+from .settings import check_setting, check_settings, default_of, field_of, setting
+from .validation import BIG, EPISODES_MAX, SEED_MAX, floats, ints
 
 #: the settings RunConfig takes from its AlgoConfig (flat in config.json, `cfg.inner_steps` reads them)
 ALGO_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AlgoConfig))
 COUNT_MAX = 10**5  # ways, shots, query, meta-batch
+OUTER_LR_MAX = 1e37  # Adam's first step is lr / (1 - beta1): above ~3e37 that scalar overflows float32 (a traceback)
+#: datasets whose inputs are feature vectors, not images: their default backbone is mlp
+FEATURE_DATASETS = ("sinusoid",)
 
 
 @dataclass(init=False)
@@ -51,7 +54,8 @@ class RunConfig:
     # task source
     dataset: str = setting("glyphs", "task source: glyphs (default, embedded), sinusoid, cifar-fs, fc100, "
                                      "mini-imagenet, tiered-imagenet, omniglot")
-    data_root: str | None = setting(None, "folder holding the dataset files (on-disk benchmarks)")
+    data_root: str | None = setting(None, "folder holding the dataset files (on-disk benchmarks; glyphs: the folder "
+                                          "of its generated cache; sinusoid takes none)")
     split_file: str | None = setting(None, "class split JSON to use instead of the canonical one")
     augment: bool = setting(False, "training-set augmentation (image datasets that offer it)")
     rotations: bool = setting(False, "add 90/180/270-degree rotations of each class as new classes (image datasets)")
@@ -66,12 +70,13 @@ class RunConfig:
     algo_settings: AlgoConfig = setting(help="the algorithm's settings (flat in config.json)", cli=False,
                                         default_factory=AlgoConfig)
     # model and outer loop
-    backbone: str = setting("conv4", "conv4 (default), resnet12, or mlp (sinusoid)")
+    backbone: str = setting("conv4", "conv4 (default for images), resnet12 (images), or mlp (feature vectors: "
+                                     "sinusoid, where it is the default)")
     width: int | None = setting(None, "backbone width (filters); default per backbone",
                                 range=ints(1, 4096, hint="leave it out for the backbone's default"))
     meta_batch: int = setting(4, "tasks per outer iteration", range=ints(1, COUNT_MAX))
     iterations: int = setting(400, "outer iterations (0: untrained reference)", range=ints(0, BIG))
-    outer_lr: float = setting(1e-3, "outer (Adam) learning rate", range=floats(0, LR_MAX, open_low=True))
+    outer_lr: float = setting(1e-3, "outer (Adam) learning rate", range=floats(0, OUTER_LR_MAX, open_low=True))
     optimizer: str = setting("adam", "outer optimizer: adam (default) or sgd", choices=("adam", "sgd"))
     # run
     seed: int = setting(0, "seed of the model init and the training episodes", range=ints(0, SEED_MAX))
@@ -101,6 +106,8 @@ class RunConfig:
         unknown = sorted(set(settings) - set(own))
         if unknown:
             raise UsageError(f"unknown setting {unknown[0]!r}")
+        if "backbone" not in settings and settings.get("dataset") in FEATURE_DATASETS:
+            settings["backbone"] = "mlp"  # the default for feature vectors, recorded as what runs
         for name, f in own.items():
             object.__setattr__(self, name, settings[name] if name in settings else default_of(f))
         object.__setattr__(self, "algo_settings", replace(algo_settings or AlgoConfig(), **algo))
@@ -147,6 +154,23 @@ class RunConfig:
         check_settings(self)
         self.algo_settings.validate()
 
+    def check_for_training(self) -> None:
+        """One-line UsageError for combinations `mrml train` refuses besides each setting's own range:
+        the exact inner solve (newton, mrml's and imaml's default) with --inner-steps 0 (no inner solve at
+        all), and --amp fp16 on the CPU (fp16 autocast there is slow and not what is meant; bf16 is fine)."""
+        from .algorithms import ALGORITHMS
+        from .train import pick_device
+
+        algo = ALGORITHMS.get(self.algo)
+        solvers = getattr(algo, "inner_solvers", ("gd",))
+        newton = self.inner_solver == "newton" or (self.inner_solver is None and solvers[0] == "newton")
+        if newton and self.inner_steps < 1:
+            raise UsageError(f"--inner-steps 0 leaves {self.algo}'s exact inner solve (newton) no iteration, so the "
+                             "task is never fitted: give --inner-steps >= 1 (the solve's cap), or --inner-solver gd "
+                             "for no inner step")
+        if self.amp == "fp16" and pick_device(self.device).type == "cpu":
+            raise UsageError("--amp fp16 is for CUDA devices; on the CPU use --amp bf16 (or no --amp)")
+
     def dataset_options(self) -> dict[str, Any]:
         """Options for the dataset builder (only those set away from their defaults, besides seed)."""
         opts: dict[str, Any] = {"seed": self.seed}
@@ -181,7 +205,10 @@ class RunConfig:
         """From flat settings (a run's config.json, also one written by an earlier mrml); keys that are no
         setting are left out (a newer mrml's)."""
         names = {f.name for f in fields(cls)} | set(ALGO_FIELDS)
-        return cls(**{k: v for k, v in d.items() if k in names and k != "algo_settings"})
+        d = {k: v for k, v in d.items() if k in names and k != "algo_settings"}
+        if d.get("dataset") in FEATURE_DATASETS and d.get("backbone") == "conv4":
+            d["backbone"] = "mlp"  # runs written before the default was recorded as what ran: mlp ran
+        return cls(**d)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -204,11 +231,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"--config {path}: cannot read it ({e.strerror or e})") from None
     except ValueError as e:
         raise UsageError(f"--config {path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise UsageError(f"--config {path} is nested too deeply to be a config: it must hold one flat JSON object "
+                         "of settings") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path} must hold one JSON object of settings (got {type(data).__name__})")
     known = {f.name for f in fields(RunConfig) if f.name != "algo_settings"} | set(ALGO_FIELDS)
-    for key in data:
+    for key, value in data.items():
         if key not in known:
             raise UsageError(f"--config {path}: unknown setting {key!r} (expected the keys of a run's config.json)")
+        try:  # the same types and ranges as the command line
+            check_setting(field_of(AlgoConfig if key in ALGO_FIELDS else RunConfig, key), value)
+        except UsageError as e:
+            raise UsageError(f"--config {path}: {key}: {e}") from None
     data.pop("out", None)
     return data

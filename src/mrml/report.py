@@ -116,6 +116,10 @@ def load_run(path: str | Path) -> RunRecords:
                                       or not math.isfinite(value)):
                 raise UsageError(f"{path / 'final.json'}: {key!r} is {value!r}, expected a number or null "
                                  "(was the file edited by hand?)")
+            if value is not None and (value < 0 or (key == "accuracy" and value > 1)):
+                bound = "in [0, 1]" if key == "accuracy" else ">= 0"
+                raise UsageError(f"{path / 'final.json'}: {key!r} is {value!r}, expected a number {bound} "
+                                 "(was the file edited by hand?)")
     return RunRecords(path, config, records, final)
 
 

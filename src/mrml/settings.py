@@ -119,8 +119,12 @@ def check_setting(f: Field, value: Any) -> None:
         return
     meta = f.metadata
     hint = f"; {meta['hint']}" if meta.get("hint") else ""
+    if value is None and base is not None:
+        raise UsageError(f"{flag(f.name)} must be given a value (got None){hint}")
     if base in ("str", "bool") and not isinstance(value, _KINDS[base]):
         raise UsageError(f"setting {f.name} must be a {base} (got {value!r}){hint}")
+    if base in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float) if base == "float" else int)):
+        raise UsageError(f"{flag(f.name)} must be {'an integer' if base == 'int' else 'a number'} (got {value!r}){hint}")
     if meta.get("range") is not None:
         meta["range"].check(value, flag(f.name))
     choices = meta.get("choices") or ()
@@ -154,7 +158,8 @@ def add_options(parser: argparse.ArgumentParser, cls: Any, skip: tuple[str, ...]
 
     Each option stores None unless given (`defaults=True`: the declared default), so that only the
     options a user gave override the layers below (preset, config file). A bool setting is a switch
-    (`--NAME` stores True, plus `--no-NAME` storing False where the setting declares `no_help`).
+    (`--NAME` stores True, plus `--no-NAME` storing False where the setting declares `no_help`; the two
+    exclude each other: given both, argparse refuses in one line).
     `show_defaults` appends "[default: X]" to the help of settings with a default other than None and False.
     `only` keeps just those settings (e.g. a command that overrides a few saved ones); `suffix` is appended
     to every help text.
@@ -176,10 +181,12 @@ def add_options(parser: argparse.ArgumentParser, cls: Any, skip: tuple[str, ...]
         help_ = meta["help"] + suffix
         if show_defaults and default_of(f) not in (None, False):
             help_ += f" [default: {default_of(f)}]"
-        if base == "bool":
+        if base == "bool" and meta.get("no_help"):  # --NAME and --no-NAME: one or the other, not both
+            pair = parser.add_mutually_exclusive_group()
+            pair.add_argument(opt, dest=f.name, action="store_true", default=default, help=help_)
+            pair.add_argument("--no-" + opt[2:], dest=f.name, action="store_false", help=meta["no_help"])
+        elif base == "bool":
             parser.add_argument(opt, dest=f.name, action="store_true", default=default, help=help_)
-            if meta.get("no_help"):
-                parser.add_argument("--no-" + opt[2:], dest=f.name, action="store_false", help=meta["no_help"])
         else:
             choices = meta.get("choices") or ()  # shown, checked by check_settings (one message for all front ends)
             parser.add_argument(opt, dest=f.name, type=_KINDS.get(base or "str", str), default=default,

@@ -36,7 +36,7 @@ from .errors import Interrupted, NonFiniteError, UsageError
 from .evaluate import episode_scores, meta_test, summarize
 from .memory import PeakMemoryMeter
 from .models import build_model
-from .models.backbones import DEFAULT_WIDTH
+from .models.backbones import DEFAULT_WIDTH, check_backbone
 from .prefetch import EpisodeFeed
 from .runlock import RunLock
 
@@ -44,16 +44,28 @@ TENSORBOARD = "tensorboard"  # the folder of --tensorboard's event files, inside
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch device of `--device NAME`: auto, cpu, cuda, cuda:N (CUDA present, N below its device count)
+    or mps (where available); anything else (meta, cpu:5, ...) is a one-line UsageError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and local_rank:
         name = f"cuda:{local_rank}"
+    expected = "expected auto, cpu, cuda or cuda:N (CUDA), or mps (Apple)"
     try:
         dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"unknown device {name!r}: {expected}") from None
+    if dev.type not in ("cpu", "cuda", "mps") or (dev.type != "cuda" and dev.index not in (None, 0)):
+        raise UsageError(f"device {name!r} cannot run mrml: {expected}")
+    if dev.type == "cpu":
+        return torch.device("cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} asked for but CUDA is not available here: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r} asked for but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"device {name!r} asked for but MPS (Apple GPU) is not available here: use --device cpu")
     return dev
 
 
@@ -101,7 +113,8 @@ class Run:
 
 def model_spec(cfg: RunConfig, source: Any) -> dict[str, Any]:
     """What `build_model` needs to rebuild the run's network (saved in its checkpoints as `model_spec`)."""
-    backbone = cfg.backbone if source.kind == "classification" or cfg.backbone != "conv4" else "mlp"
+    backbone = cfg.backbone  # what config.json says is what runs (RunConfig picks mlp for sinusoid by default)
+    check_backbone(backbone, tuple(source.input_shape))
     return {"backbone": backbone, "width": cfg.width or DEFAULT_WIDTH.get(backbone), "kind": source.kind,
             "input_shape": [int(v) for v in source.input_shape], "outputs": int(source.num_outputs(cfg.ways))}
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import _compat_pickle
 import importlib
+import os
 import pickle
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +86,22 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def require_regular_file(path: Path) -> None:
+    """DataError unless `path` is a regular file: opening a FIFO blocks until something writes to it, and a
+    device or socket is no dataset file (checked with stat, before any open)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        what = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a regular file")
+        raise DataError(f"{path} is {what}, not a data file: replace it with the dataset's file")
+
+
 def read_head(path: Path, n: int = _HEAD) -> bytes:
+    require_regular_file(path)
     with open(path, "rb") as f:
         return f.read(n)
 

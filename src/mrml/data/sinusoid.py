@@ -43,6 +43,8 @@ class SinusoidTasks:
 
 @register("sinusoid")
 def build_sinusoid(root: object = None, **options: object) -> SinusoidTasks:
+    if root is not None:
+        raise UsageError(f"sinusoid tasks are generated, not read from files: drop --data-root (got {root})")
     unknown = set(options) - {"seed"}
     if unknown:
         raise UsageError(f"sinusoid tasks take no option {sorted(unknown)[0]!r}: drop --{sorted(unknown)[0].replace('_', '-')}")

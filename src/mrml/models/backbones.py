@@ -39,15 +39,39 @@ def mlp(in_shape: tuple[int, ...], width: int = 40) -> nn.Sequential:
 
 BACKBONES: dict[str, Callable[..., nn.Sequential]] = {"conv4": conv4, "mlp": mlp}
 DEFAULT_WIDTH = {"conv4": 64, "mlp": 40}
+#: the number of input dimensions each backbone takes: 3 for images (C, H, W), 1 for feature vectors
+INPUT_DIMS = {"conv4": 3, "mlp": 1}
 
 
-def register_backbone(name: str, default_width: int) -> Callable:
+def register_backbone(name: str, default_width: int, input_dims: int = 3) -> Callable:
     def deco(fn: Callable[..., nn.Sequential]) -> Callable[..., nn.Sequential]:
         BACKBONES[name] = fn
         DEFAULT_WIDTH[name] = default_width
+        INPUT_DIMS[name] = input_dims
         return fn
 
     return deco
+
+
+def backbones_for(in_shape: tuple[int, ...]) -> list[str]:
+    """The backbones that take inputs of shape `in_shape` (images C,H,W or feature vectors).
+
+    Example:
+        >>> backbones_for((1,)), backbones_for((3, 32, 32))
+        (['mlp'], ['conv4', 'resnet12'])
+    """
+    return sorted(n for n, d in INPUT_DIMS.items() if d == len(in_shape))
+
+
+def check_backbone(name: str, in_shape: tuple[int, ...]) -> None:
+    """One-line UsageError unless backbone `name` exists and takes inputs of shape `in_shape`."""
+    if name not in BACKBONES:
+        raise UsageError(f"unknown backbone {name!r}: expected one of {', '.join(sorted(BACKBONES))}")
+    if INPUT_DIMS.get(name, len(in_shape)) != len(in_shape):
+        what = {3: "images (C, H, W)", 1: "feature vectors (1-D inputs)"}.get(INPUT_DIMS[name], f"{INPUT_DIMS[name]}-D inputs")
+        fits = backbones_for(tuple(in_shape))
+        fix = f"use --backbone {' or '.join(fits)}" if fits else "no built-in backbone takes them"
+        raise UsageError(f"backbone {name!r} takes {what}, but these inputs have shape {tuple(in_shape)}: {fix}")
 
 
 class FewShotNet(nn.Module):
@@ -71,8 +95,7 @@ class FewShotNet(nn.Module):
 
 def build_model(name: str, in_shape: tuple[int, ...], outputs: int, width: int | None = None) -> FewShotNet:
     """Backbone `name` sized for inputs `in_shape` (C,H,W or features), with a head of `outputs` units."""
-    if name not in BACKBONES:
-        raise UsageError(f"unknown backbone {name!r}: expected one of {', '.join(sorted(BACKBONES))}")
+    check_backbone(name, tuple(in_shape))
     width = width or DEFAULT_WIDTH[name]
     backbone = BACKBONES[name](tuple(in_shape), width)
     with torch.no_grad():

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ...errors import DataError
+from ..safe_pickle import require_regular_file
 
 
 class RawClasses(abc.ABC):
@@ -243,6 +244,7 @@ def read_png_folders(folders: list[Path], mode: str, shape: tuple[int, ...], des
                     raise DataError(f"{path}: image has shape {np.asarray(img).shape}, expected {shape}")
                 return convert(img) if convert else np.asarray(img)
 
+            require_regular_file(path)  # a FIFO named *.png would block the open
             images.append(open_image(path, str(path), decode))
         out.append(np.stack(images) if images else np.zeros((0, *(out_shape or shape)), np.uint8))
     return out
