@@ -33,6 +33,7 @@ SETTINGS: dict[str, list[str]] = {
     "imaml": ["--inner-steps", "20", "--inner-lr", "0.1", "--cg-steps", "5"],
     "reptile": ["--inner-steps", "5", "--inner-lr", "0.1"],
     "protonet": [],
+    "metasgd": ["--inner-steps", "5", "--inner-lr", "0.4"],  # MAML's loop; alpha starts at --inner-lr
 }
 # The inner regulariser swept for the two head-only, l2-regularised methods (the rows "ALGO@l2=V"):
 # implicit differentiation assumes the inner problem solved, which a larger l2 makes true in K steps.
@@ -82,7 +83,7 @@ def run_one(name: str, shots: int, args: argparse.Namespace) -> dict:
            "--shots", str(shots), "--query", "15", "--meta-batch", str(args.meta_batch),
            "--iterations", str(args.iterations), "--val-every", str(args.iterations), "--val-episodes", "100",
            "--test-episodes", str(args.episodes), "--seed", str(args.seed), "--no-progress", "--out", str(out),
-           *options]
+           *(["--threads", str(args.threads)] if args.threads else []), *options]
     t0, code = time.time(), code_version()
     subprocess.run(cmd, check=True, cwd=ROOT)
     final = json.loads((out / "final.json").read_text())
@@ -156,6 +157,7 @@ def main() -> None:
     p.add_argument("--seeds", default=None,
                    help="with --table-only: comma-separated seeds whose finished runs are averaged (mean of seeds)")
     p.add_argument("--shots", default="1,5", help="comma-separated shots to run (results of both are tabled)")
+    p.add_argument("--threads", type=int, default=None, help="passed to every run as --threads (default: not passed)")
     p.add_argument("--table-only", action="store_true", help="only gather finished runs into the table")
     p.add_argument("--force", action="store_true", help="rerun runs that already finished")
     p.add_argument("--readme", action="store_true", help="also write the table into README.md")

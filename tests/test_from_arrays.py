@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrml.data import FewShotDataset, episode_rng, from_arrays
+from mrml.data import FewShotDataset, conform, episode_rng, from_arrays
 from mrml.data.base import ArrayClassImages, to_tensor
 from mrml.errors import UsageError
 
@@ -118,14 +118,16 @@ IMAGES, LABELS = arrays()
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(labels=LABELS[:-1]), "one label per image (got 24 images, 23 labels)"),
     (dict(images=IMAGES[0]), "one label per image"),
-    (dict(images=IMAGES.reshape(24, 144)), "shaped (n, H, W) or (n, C, H, W) (got 2 dimensions"),
+    (dict(images=IMAGES[:, 0, 0]), "shaped (n, d) feature vectors, or (n, H, W) or (n, C, H, W) images (got 1 dim"),
     (dict(images=IMAGES.reshape(24, 1, 1, 12, 12)), "(got 5 dimensions"),
     (dict(images=np.zeros((24, 12, 12, 3), np.uint8)), "pass images.transpose(0, 3, 1, 2)"),
     (dict(images=np.zeros((24, 4, 12, 12), np.uint8)), "C = 1 or 3 channels"),
     (dict(images=np.where(IMAGES > 9, IMAGES / 255, np.nan)), "NaN or infinite"),
-    (dict(images=IMAGES.astype(np.float32)), "float images must be in [0, 1] (got values in [0, 255])"),
-    (dict(images=IMAGES / 255 - 0.5), "float images must be in [0, 1]"),
-    (dict(images=IMAGES.astype(np.int64)), "uint8 (0..255) or float (0..1), got int64"),
+    (dict(images=np.where(IMAGES > 9, IMAGES / 255 - 0.5, np.inf)), "NaN or infinite"),
+    (dict(images=IMAGES.astype(np.int64)), "uint8 (0..255, divided by 255) or float (used as given), got int64"),
+    (dict(images=IMAGES.reshape(24, 144), image_size=8), "image_size and channels apply to images"),
+    (dict(images=IMAGES.reshape(24, 144) / 255, channels=1), "feature vectors (n, d) are used as given, drop them"),
+    (dict(images=np.zeros((24, 0), np.float32)), "feature vectors must have at least 1 feature"),
     (dict(labels=LABELS.astype(float)), "labels must be ints or strings (got float64 labels)"),
     (dict(labels=LABELS.reshape(12, 2)), "labels must be one-dimensional"),
     (dict(labels=[1] * 12 + ["a"] * 12), "labels mix ints and strings"),
@@ -166,3 +168,47 @@ def test_conform_fits_size_and_channels_or_says_it_cannot():
     assert grey.input_shape == (1, 5, 5) and x.shape == (2, 1, 5, 5) and torch.allclose(x, expect, atol=1e-6)
     with pytest.raises(UsageError, match=r"shaped \(3, 9, 9\), the model takes \(2, 9, 9\)"):
         conform(ds, (2, 9, 9))
+
+
+def test_from_arrays_feature_vectors():
+    rng = np.random.default_rng(3)
+    emb = rng.standard_normal((30, 7))  # float64 embeddings with negative values: kept as given
+    labels = np.repeat(np.arange(6), 5)
+    ds = from_arrays(emb, labels, splits={"train": [0, 1, 2], "test": [3, 4, 5]})
+    assert ds.input_shape == (7,) and ds.info["vectors"] and ds.info["scaling"] == "as given"
+    for cls, key in enumerate([3, 4, 5]):
+        assert torch.equal(class_images(ds, "test", cls), torch.from_numpy(emb[labels == key]).float())
+    ep = ds.episode("train", 3, 2, 3, episode_rng(0, "train", 0))
+    assert ep.support_x.shape == (6, 7) and ep.query_x.shape == (9, 7) and ep.support_x.dtype == torch.float32
+    rows = {tuple(r) for r in torch.from_numpy(emb).float().tolist()}
+    assert all(tuple(r) in rows for r in torch.cat([ep.support_x, ep.query_x]).tolist())  # not rescaled
+    as_uint8 = rng.integers(0, 256, size=(30, 7), dtype=np.uint8)  # the one rule: uint8 -> / 255
+    u = from_arrays(as_uint8, labels, splits="test")
+    assert torch.equal(class_images(u, "test", 0), torch.from_numpy(as_uint8[:5]).float() / 255)
+    with pytest.raises(UsageError, match=r"feature vectors of shape \(7,\), the model takes \(8,\)"):
+        conform(ds, (8,))
+    assert conform(ds, (7,)) is ds
+
+
+def test_from_arrays_standardised_images_kept_as_given():
+    rng = np.random.default_rng(4)
+    pixels = rng.random((12, 3, 5, 5))
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    normed = ((pixels - mean[:, None, None]) / std[:, None, None]).astype(np.float32)  # ImageNet-normalised
+    assert normed.min() < 0 and normed.max() > 1
+    labels = np.repeat(np.arange(3), 4)
+    ds = from_arrays(normed, labels, splits="test")
+    assert ds.input_shape == (3, 5, 5) and ds.info["scaling"] == "as given"
+    for cls in range(3):
+        assert torch.equal(class_images(ds, "test", cls), torch.from_numpy(normed[labels == cls]))
+    resized = from_arrays(normed, labels, splits="test", image_size=3)  # resized, still not rescaled
+    x = torch.from_numpy(normed[labels == 1])
+    expect = F.interpolate(x, size=(3, 3), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.equal(class_images(resized, "test", 1), expect)
+
+
+def test_from_arrays_float_whole_numbers_up_to_255_warn_and_are_kept():
+    images, labels = arrays()
+    with pytest.warns(UserWarning, match="used as given \\(not divided by 255\\): pass uint8"):
+        ds = from_arrays(images.astype(np.float32), labels, splits="test")
+    assert torch.equal(class_images(ds, "test", 2), torch.from_numpy(images[labels == 2]).float().unsqueeze(1))

@@ -66,7 +66,7 @@ class RunConfig:
     query: int = setting(15, "query examples per class", range=ints(1, COUNT_MAX))
     # algorithm
     algo: str = setting("mrml", "algorithm: mrml (default) and the baselines: maml, fomaml, anil, itd-bio, imaml, "
-                                "reptile, protonet")
+                                "reptile, protonet, metasgd")
     algo_settings: AlgoConfig = setting(help="the algorithm's settings (flat in config.json)", cli=False,
                                         default_factory=AlgoConfig)
     # model and outer loop

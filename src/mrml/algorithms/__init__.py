@@ -12,13 +12,14 @@ from .imaml import IMAML
 from .itd_bio import ITDBiO
 from .losses import CallableLoss, TaskLoss, make_loss
 from .maml import FOMAML, MAML
+from .metasgd import MetaSGD
 from .mrml import MRML
 from .protonet import ProtoNet
 from .reptile import Reptile
 
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     "mrml": MRML, "maml": MAML, "fomaml": FOMAML, "anil": ANIL, "itd-bio": ITDBiO, "imaml": IMAML,
-    "reptile": Reptile, "protonet": ProtoNet,
+    "reptile": Reptile, "protonet": ProtoNet, "metasgd": MetaSGD,
 }
 
 
@@ -53,7 +54,7 @@ def build_algorithm(name: str, model: nn.Module, loss: TaskLoss | str | Callable
     """The algorithm registered as `name` (`ALGORITHMS`), built over `model`.
 
     Args:
-        name: mrml, maml, fomaml, anil, itd-bio, imaml, reptile, protonet, or a registered name.
+        name: mrml, maml, fomaml, anil, itd-bio, imaml, reptile, protonet, metasgd, or a registered name.
         model, loss, config: as for `MetaAlgorithm`.
         **kwargs: further constructor arguments (`trunk=`, `inner_loss=`; see `MetaAlgorithm`).
 
@@ -79,5 +80,5 @@ def build_algorithm(name: str, model: nn.Module, loss: TaskLoss | str | Callable
     return ALGORITHMS[name](model, loss, config, **kwargs)
 
 
-__all__ = ["ALGORITHMS", "ANIL", "AlgoConfig", "CallableLoss", "FOMAML", "IMAML", "ITDBiO", "MAML", "MetaAlgorithm", "MRML",
+__all__ = ["ALGORITHMS", "ANIL", "AlgoConfig", "CallableLoss", "FOMAML", "IMAML", "ITDBiO", "MAML", "MetaAlgorithm", "MetaSGD", "MRML",
            "ProtoNet", "Reptile", "StepStats", "TaskLoss", "build_algorithm", "make_loss", "register_algorithm"]

@@ -33,8 +33,8 @@ class AlgoConfig:
         l2, learn_l2, prox: the inner-loss strength lambda (learned or fixed) and its centre.
         implicit, cg_steps, cg_tol, warm_start: the linear system of the implicit hypergradient.
         first_order, recompute_features: forms of the unrolled baselines / the paper-faithful trunk.
-        test_steps, test_lr: test-time adaptation of mrml, imaml and itd-bio; maml, fomaml, anil and
-            reptile adapt with their training loop (inner_steps at inner_lr) unless
+        test_steps, test_lr: test-time adaptation of mrml, imaml and itd-bio; maml, fomaml, anil,
+            reptile and metasgd adapt with their training loop (inner_steps at inner_lr) unless
             extra={"test_adaptation": "test"}.
         task_chunk, amp, compile: speed (mrml's task-batched path).
         extra: algorithm-specific settings by name (Python API only).
@@ -89,10 +89,11 @@ class AlgoConfig:
     recompute_features: bool = setting(False, "paper-faithful form: re-run the backbone with gradient in every "
                                               "inner step")
     test_steps: int = setting(20, "test-time adaptation steps of mrml, imaml and itd-bio (newton: the solve's "
-                                  "cap); maml, fomaml, anil and reptile adapt with --inner-steps",
+                                  "cap); maml, fomaml, anil, reptile and metasgd adapt with --inner-steps",
                               range=ints(0, STEPS_MAX))
     test_lr: float = setting(0.05, "test-time adaptation step size of mrml, imaml and itd-bio (gd); maml, fomaml, "
-                                   "anil and reptile adapt with --inner-lr", range=floats(0, LR_MAX, open_low=True))
+                                   "anil and reptile adapt with --inner-lr, metasgd with its learned step sizes",
+                             range=floats(0, LR_MAX, open_low=True))
     first_order: bool = setting(False, "drop second-order terms where the algorithm has them")
     plain_inner: bool = setting(False, "plain inner gradient descent: no divergence guard (the paper's loop; no "
                                        "per-step GPU sync)")

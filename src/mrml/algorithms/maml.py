@@ -22,7 +22,7 @@ in a warning (they are not used). The same holds for ANIL and Reptile.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -52,6 +52,12 @@ class Unrolled(MetaAlgorithm):
                centre: Params | None) -> Params:
         """K steps y <- y - lr d_y g(x, y) (with the divergence guard of `MetaAlgorithm.descend`); the
         graph through the accepted steps is kept unless first order."""
+        return self.descend(self.unrolled_value_and_grad(xa, fs, ys, centre), y0, steps, lr)
+
+    def unrolled_value_and_grad(self, xa: Params, fs: torch.Tensor, ys: torch.Tensor, centre: Params | None,
+                                ) -> Callable[[Params], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+        """y -> (g(x, y) detached, d_y g): with graph (`create_graph=True`), or first order as constants
+        taken on detached inputs."""
         first = self.first_order
         if first:  # inner gradients are constants: evaluate them on detached inputs
             xa_d, fs_d = detached(xa), pytree.detach(fs)
@@ -66,7 +72,7 @@ class Unrolled(MetaAlgorithm):
             g = self.inner_loss(xa, y, fs, ys, centre)
             return g.detach(), torch.autograd.grad(g, list(y.values()), create_graph=True)
 
-        return self.descend(value_and_grad, y0, steps, lr)
+        return value_and_grad
 
     def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
         cfg, split = self.config, self.split
@@ -78,8 +84,11 @@ class Unrolled(MetaAlgorithm):
         pred = split.predict({**xa, **y}, fq)
         f = self.loss(pred, ep.query_y)
         (scale * f).backward()
-        return StepStats(float(f.detach()), self.loss.accuracy(pred.detach(), ep.query_y),
-                         {"inner_lr": self.last_inner_lr})
+        return StepStats(float(f.detach()), self.loss.accuracy(pred.detach(), ep.query_y), self.step_extra())
+
+    def step_extra(self) -> dict[str, float]:
+        """A task's extra statistics: the inner step size in use at the end (the guard may halve it)."""
+        return {"inner_lr": self.last_inner_lr}
 
     def test_schedule(self) -> tuple[int, float]:
         """(steps, step size) of test-time adaptation: `inner_steps` at `inner_lr` (the training loop),

@@ -1,12 +1,15 @@
-"""Your own labelled images as a few-shot dataset (`from_arrays`), and any dataset fitted to a model's input.
+"""Your own labelled images or feature vectors as a few-shot dataset (`from_arrays`), and any dataset
+fitted to a model's input.
 
-Pixel values follow the embedded glyphs pipeline (`base.to_tensor`): uint8 images are divided by 255,
-float images are taken as already in [0, 1], and nothing is mean/std-normalised, so a model trained
-on glyphs (bright strokes on a dark background) sees inputs on the same scale. Resizing is bilinear
-with antialiasing, as the on-disk benchmarks resize.
+One scaling rule: uint8 values are divided by 255 (the embedded glyphs pipeline, `base.to_tensor`, so
+a model trained on glyphs sees inputs on its scale); float values are used as given -- [0, 1] pixels,
+standardised (e.g. ImageNet-normalised) images with negative values or values above 1, precomputed
+embeddings -- never rescaled or mean/std-normalised. Resizing is bilinear with antialiasing, as the
+on-disk benchmarks resize; feature vectors (n, d) are neither resized nor given channels.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -32,6 +35,9 @@ def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise UsageError(f"cannot convert {c}-channel images to {channels} channels: only 1 <-> 3 is supported")
 
 
+SHAPES = "(n, d) feature vectors, or (n, H, W) or (n, C, H, W) images"
+
+
 def _images_array(images: Any) -> np.ndarray:
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
@@ -39,7 +45,7 @@ def _images_array(images: Any) -> np.ndarray:
         try:
             images = np.asarray(images)
         except (ValueError, TypeError):
-            raise UsageError("images must be a numpy array or torch tensor shaped (n, H, W) or (n, C, H, W)") from None
+            raise UsageError(f"images must be a numpy array or torch tensor shaped {SHAPES}") from None
     return images
 
 
@@ -70,18 +76,20 @@ def _labels_list(labels: Any) -> list[int | str]:
     return keys
 
 
-def _check_pixels(images: np.ndarray) -> None:
+def _check_values(images: np.ndarray, vectors: bool) -> None:
+    """uint8 (divided by 255) or finite floats (used as given); float images holding only whole numbers
+    up to 255 (0..255 pixels cast to float, most likely) are named in a warning: they are not divided."""
     if images.dtype == np.uint8:
         return
     if images.dtype.kind != "f":
-        raise UsageError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}: "
-                         f"e.g. images.astype(np.uint8) for 0..255 values")
+        raise UsageError(f"images must be uint8 (0..255, divided by 255) or float (used as given), got {images.dtype}: "
+                         f"e.g. images.astype(np.uint8) for 0..255 pixels, images.astype(np.float32) otherwise")
     if not np.isfinite(images).all():
-        raise UsageError("images hold NaN or infinite values: float images must be finite, in [0, 1]")
-    lo, hi = float(images.min(initial=0.0)), float(images.max(initial=0.0))
-    if lo < 0 or hi > 1:
-        raise UsageError(f"float images must be in [0, 1] (got values in [{lo:g}, {hi:g}]): "
-                         f"divide 0..255 values by 255, or pass uint8")
+        raise UsageError("images hold NaN or infinite values: float inputs must be finite")
+    if not vectors and images.size and float(images.max()) > 1 and float(images.min()) >= 0 \
+            and float(images.max()) <= 255 and bool((images == np.round(images)).all()):
+        warnings.warn("float images hold whole numbers up to 255 and are used as given (not divided by 255): pass "
+                      "uint8 to have them scaled to [0, 1]", stacklevel=3)
 
 
 def _as_nchw(images: np.ndarray) -> np.ndarray:
@@ -95,8 +103,7 @@ def _as_nchw(images: np.ndarray) -> np.ndarray:
             raise UsageError(f"images shaped (n, C, H, W) must have C = 1 or 3 channels (got shape "
                              f"{tuple(images.shape)}){hint}")
         return images
-    raise UsageError(f"images must be shaped (n, H, W) or (n, C, H, W) (got {images.ndim} dimensions, "
-                     f"shape {tuple(images.shape)})")
+    raise UsageError(f"images must be shaped {SHAPES} (got {images.ndim} dimensions, shape {tuple(images.shape)})")
 
 
 def _fraction_split(classes: list, fractions: Sequence[Any], seed: int) -> dict[str, list]:
@@ -179,24 +186,28 @@ def from_arrays(images: Any, labels: Any, splits: str | Mapping[str, Sequence[An
                 seed: int = 0) -> FewShotDataset:
     """A few-shot dataset from labelled arrays: episodes by `dataset.episode(split, ways, shots, query, rng)`.
 
-    Pixels are scaled as the glyphs pipeline scales them (uint8 / 255; floats kept, must be in [0, 1];
-    no mean/std normalisation). A model trained on glyphs saw bright strokes on a dark background:
-    invert dark-on-light images (`255 - images`) first.
+    Values: uint8 -> divided by 255 (as the glyphs pipeline scales them); float -> used as given, any
+    finite values ([0, 1] pixels, standardised images such as ImageNet-normalised ones, embeddings),
+    never rescaled or normalised. (Float images holding only whole numbers up to 255 get a warning.) A
+    model trained on glyphs saw bright strokes on a dark background: invert dark-on-light images
+    (`255 - images`) first.
 
     Args:
-        images: numpy array or torch tensor, uint8 (0..255) or float (0..1), shaped (n, H, W) or
-            (n, C, H, W) with C = 1 or 3.
+        images: numpy array or torch tensor, uint8 or float: (n, d) feature vectors (a tabular or
+            precomputed-embedding dataset: episodes of (d,) vectors, no resizing, no channels), or
+            images shaped (n, H, W) or (n, C, H, W) with C = 1 or 3.
         labels: (n,) ints or strings, one per image; each distinct label is a class.
         splits: which classes go where: a dict `{"train": [labels], "validation": [...], "test": [...]}`
             (any of the three; disjoint; labels must occur); three fractions such as (0.6, 0.2, 0.2)
             dealt to a seeded shuffle of the classes; or one split name ("test") for all classes.
         image_size: resize to `image_size` x `image_size` (bilinear, antialiased); None keeps the size.
-        channels: 1 or 3 to convert (grey repeated, RGB averaged); None keeps the channels.
+            Images only.
+        channels: 1 or 3 to convert (grey repeated, RGB averaged); None keeps the channels. Images only.
         name: the dataset's name in messages.
         seed: seed of the class shuffle when `splits` are fractions.
 
     Returns:
-        A `FewShotDataset` of float32 (C, H, W) images; splits not given are empty.
+        A `FewShotDataset` of float32 (C, H, W) images or (d,) vectors; splits not given are empty.
 
     Raises:
         UsageError: one line saying what was expected, for any misuse.
@@ -212,6 +223,10 @@ def from_arrays(images: Any, labels: Any, splits: str | Mapping[str, Sequence[An
         >>> ep = ds.episode("train", 3, 1, 2, episode_rng(0, "train", 0))
         >>> tuple(ep.support_x.shape), tuple(ep.query_x.shape), ep.query_y.tolist()
         ((3, 1, 28, 28), (6, 1, 28, 28), [0, 0, 1, 1, 2, 2])
+        >>> emb = rng.standard_normal((40, 64)).astype(np.float32)  # precomputed embeddings: used as given
+        >>> vecs = from_arrays(emb, np.repeat(np.arange(8), 5), splits="test")
+        >>> vecs.input_shape, tuple(vecs.episode("test", 5, 1, 1, episode_rng(0, "test", 0)).support_x.shape)
+        ((64,), (5, 64))
     """
     arr = _images_array(images)
     keys = _labels_list(labels)
@@ -220,10 +235,18 @@ def from_arrays(images: Any, labels: Any, splits: str | Mapping[str, Sequence[An
         raise UsageError(f"images and labels must have one label per image (got {n} images, {len(keys)} labels)")
     if not keys:
         raise UsageError("images is empty: pass at least one class of at least 2 images")
-    arr = _as_nchw(arr)
-    if min(arr.shape[2:]) < 1:
-        raise UsageError(f"images must be at least 1x1 pixels (got shape {tuple(arr.shape)})")
-    _check_pixels(arr)
+    vectors = arr.ndim == 2
+    if vectors:
+        if arr.shape[1] < 1:
+            raise UsageError(f"feature vectors must have at least 1 feature (got shape {tuple(arr.shape)})")
+        if image_size is not None or channels is not None:
+            raise UsageError("image_size and channels apply to images: feature vectors (n, d) are used as given, "
+                             "drop them")
+    else:
+        arr = _as_nchw(arr)
+        if min(arr.shape[2:]) < 1:
+            raise UsageError(f"images must be at least 1x1 pixels (got shape {tuple(arr.shape)})")
+    _check_values(arr, vectors)
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
                                    or not 1 <= image_size <= 1024):
         raise UsageError(f"image_size must be an integer in 1..1024 (got {image_size!r})")
@@ -257,19 +280,23 @@ def from_arrays(images: Any, labels: Any, splits: str | Mapping[str, Sequence[An
 
     size = (int(image_size),) * 2 if image_size is not None else tuple(arr.shape[2:])
     out_channels = channels or arr.shape[1]
+    shape = (arr.shape[1],) if vectors else (out_channels, *size)
 
     def prepare(idx: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(arr[idx]))
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()  # as base.to_tensor scales
+        if vectors:
+            return x.contiguous().numpy()
         return convert_channels(resize(x, size), out_channels).contiguous().numpy()
 
     parts: dict[str, ClassImages] = {}
     for split in SPLITS:
         members = assignment.get(split, [])
         parts[split] = ArrayClassImages([str(k) for k in members], [prepare(rows[k]) for k in members], _class_tensor)
-    info = {"input_shape": (out_channels, *size), "classes": {s: parts[s].num_classes for s in SPLITS},
+    info = {"input_shape": shape, "classes": {s: parts[s].num_classes for s in SPLITS},
             "images": int(sum(len(rows[k]) for m in assignment.values() for k in m)), "source_shape": tuple(arr.shape[1:]),
-            "source_dtype": str(arr.dtype), "normalised": False}
+            "source_dtype": str(arr.dtype), "normalised": False,
+            "scaling": "divided by 255" if arr.dtype == np.uint8 else "as given", "vectors": vectors}
     return ArrayDataset(name, splits=parts, kind="classification", info=info)
 
 
@@ -292,7 +319,8 @@ def conform(dataset: Any, input_shape: Sequence[int]) -> Any:
     """`dataset` with its images served at `input_shape` (C, H, W): resized, channels converted 1 <-> 3.
 
     A dataset already of that shape, or not a `FewShotDataset` of images (a generated regression
-    family), is returned as is; other channel counts are a one-line UsageError.
+    family), is returned as is; other channel counts, and feature vectors (d,) of another size than the
+    model's, are a one-line UsageError.
 
     Example:
         >>> import numpy as np
@@ -301,10 +329,15 @@ def conform(dataset: Any, input_shape: Sequence[int]) -> Any:
         >>> conform(from_arrays(rgb, [0, 0, 1, 1], splits="test"), (1, 28, 28)).input_shape
         (1, 28, 28)
     """
-    if not isinstance(dataset, FewShotDataset) or len(input_shape) != 3:
+    if not isinstance(dataset, FewShotDataset):
+        return dataset
+    have = tuple(dataset.input_shape)
+    if len(have) == 1 and have != tuple(int(v) for v in input_shape):  # feature vectors: nothing to convert
+        raise UsageError(f"{dataset.name} holds feature vectors of shape {have}, the model takes {tuple(input_shape)}: "
+                         "vectors are not resized; give vectors of the model's input size")
+    if len(input_shape) != 3:
         return dataset
     c, h, w = (int(v) for v in input_shape)
-    have = tuple(dataset.input_shape)
     if have == (c, h, w):
         return dataset
     if len(have) != 3 or (have[0] != c and {have[0], c} != {1, 3}):
