@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .. import pytree
 from .. import functional as fn
 from ..functional import MAX_HALVINGS, descend, detached, guard_rtol  # noqa: F401 (re-exported)
 from ..data.base import Episode
@@ -28,8 +27,9 @@ from ..models.modes import evaluation_modes
 from ..models.split import ModelSplit, Params, split_model
 from .algo_config import IMPLICIT_SYSTEMS, INNER_SOLVERS, AlgoConfig  # noqa: F401 (re-exported)
 from .guards import FiniteWatch, check_episode, check_episodes
-from .inner import InnerInfo, newton_head
-from .linear_head import HeadLayout, LinearHeadLoss, closed_form_head
+from ..solvers.head import HeadLayout
+from .exact_head import closed_form_head, solve_head
+from .inner import InnerInfo
 from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
 
 @dataclass
@@ -266,14 +266,6 @@ class MetaAlgorithm(abc.ABC):
             g = g + self.regulariser(y, centre, lam)
         return g
 
-    def head_loss(self, feats: torch.Tensor, labels: torch.Tensor, centre: Params | None,
-                  lam: torch.Tensor | float | None = None) -> LinearHeadLoss:
-        """The closed-form inner loss of a linear head on `feats` (only when `self.head` is set)."""
-        assert self.head is not None
-        c = self.head.matrix(centre) if centre is not None else None
-        return LinearHeadLoss.build(feats, labels, self.loss.kind, self.l2 if lam is None else lam,
-                                    self.head.bias is not None, c)
-
     def inner_objective(self, x: Params, y: Params, batch: tuple) -> torch.Tensor:
         """g(x, y, batch) as the functional core takes it: batch = (support features, labels, centre or
         None, lambda or None)."""
@@ -287,11 +279,10 @@ class MetaAlgorithm(abc.ABC):
         cap (closed-form Hessian for a linear head, Newton-CG otherwise: `mrml.functional.solve_inner`).
         Statistics in `self.last_inner`, the final step size in `self.last_inner_lr`."""
         cfg = self.config
-        if cfg.inner_solver == "newton" and self.head is not None:
+        if cfg.inner_solver == "newton" and self.head is not None:  # the default form's solve on one task
             self.last_inner_lr = lr
-            problem = self.head_loss(pytree.detach(feats), labels, centre)
-            w, self.last_inner = newton_head(problem, self.head.matrix(detached(y0)), steps, cfg.inner_tol)
-            return self.head.params(w)
+            y, self.last_inner = solve_head(self, feats, labels, y0, centre, steps)
+            return y
         batch = (feats, labels, centre, None)
         if cfg.inner_solver == "gd":  # the task-batched path's masked loop on one task: no host read per step
             def g1(x: Params, y: Params, b: tuple) -> torch.Tensor:

@@ -1,12 +1,9 @@
 """Exact inner solvers: drive ||d_y g|| below a tolerance, keeping no graph across iterations.
 
-- `newton_head`: Newton's method with the closed-form Hessian of a linear head (`linear_head`), a
-  backtracking (Armijo) line search on g, quadratic convergence on the strongly convex inner loss.
-- `newton_cg`: for any inner part: the Newton direction from conjugate gradient on Hessian-vector
-  products (stopped at non-positive curvature, falling back to the gradient), with the same line
-  search.
-
-Both stop when ||d_y g(y)|| <= tol * max(1, ||d_y g(y_0)||), or after `max_iter` iterations (reported
+`newton_cg`: for any inner part: the Newton direction from conjugate gradient on Hessian-vector
+products (stopped at non-positive curvature, falling back to the gradient), with a backtracking
+(Armijo) line search on g (a linear head's closed-form Newton runs on stacked tasks:
+`mrml.solvers.head.newton_heads`, the same rule). It stops when ||d_y g(y)|| <= tol * max(1, ||d_y g(y_0)||), or after `max_iter` iterations (reported
 as capped). Once the Newton decrement <d_y g, H^{-1} d_y g>/2 -- the decrease a full step would
 bring -- is below 64 units of rounding of g, the value of g can no longer judge a step: full steps
 are taken without line search (the quadratic-convergence regime) while they at least halve
@@ -22,7 +19,6 @@ from typing import Callable
 import torch
 
 from ..implicit import conjugate_gradient
-from .linear_head import LinearHeadLoss
 
 #: Armijo sufficient-decrease constant and the most halvings of a line search
 ARMIJO, MAX_BACKTRACK = 1e-4, 40
@@ -88,11 +84,6 @@ def _newton(value_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tenso
         x, g, grad = found
         gnorm, it = float(grad.norm()), it + 1
     return x, InnerInfo(it, gnorm, gnorm > target and not (stalled or at_floor), stalled, at_floor)
-
-
-def newton_head(problem: LinearHeadLoss, w0: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, InnerInfo]:
-    """Minimise the linear head's inner loss from W0 by Newton's method with the closed-form Hessian."""
-    return _newton(problem.value_grad, lambda w, grad, _: problem.solve(w, grad), w0, max_iter, tol)
 
 
 def newton_cg(value_and_grad: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]], y0: torch.Tensor,

@@ -3,6 +3,6 @@
 Nothing here imports from `mrml.algorithms`."""
 from __future__ import annotations
 
-from .head import HeadInfo, HeadProblem, newton_heads, solve_costs, spd_solve
+from .head import HeadInfo, HeadLayout, HeadProblem, newton_heads, solve_costs, spd_solve
 
-__all__ = ["HeadInfo", "HeadProblem", "newton_heads", "solve_costs", "spd_solve"]
+__all__ = ["HeadInfo", "HeadLayout", "HeadProblem", "newton_heads", "solve_costs", "spd_solve"]

@@ -1,8 +1,7 @@
 """Closed forms and Newton for T stacked linear heads, with per-task reductions and no host reads.
 
 For task t, g_t(W) = loss(F~_t W') + (lam_t/2)||W - W0_t||^2 over W = [weight | bias] (C x (d+1)),
-as `mrml.algorithms.linear_head.LinearHeadLoss` writes it for one task (same maths, same rounding
-order where it matters). The Hessian is H = sum_i A_i (x) f~_i f~_i' + lam I with A_i the curvature of
+with closed forms for its value, gradient, Hessian products and solves (T = 1: one task). The Hessian is H = sum_i A_i (x) f~_i f~_i' + lam I with A_i the curvature of
 the loss in the logits of example i. `HeadProblem.solve` applies H^{-1} by the cheapest of
 
 - dual:     the n C x n C push-through system (lam I + K A) z = J B, LU (`solve_ex`);
@@ -32,10 +31,47 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 
+Params = dict[str, torch.Tensor]
+
 #: Armijo sufficient-decrease constant and the most halvings of a line search (as in algorithms.inner)
 ARMIJO, MAX_BACKTRACK = 1e-4, 40
 KINDS = ("classification", "regression")
 FORMS = ("dual", "primal", "woodbury")
+
+
+class HeadLayout:
+    """Converts between the inner parameters of a linear head ({weight, bias} dict, in their order) and
+    W = [weight | bias]; `to_flat`/`from_flat` are `mrml.pytree.flatten`/`unflatten` of the parameters."""
+
+    def __init__(self, inner: Params):
+        names = list(inner)
+        self.weight = next(n for n in names if inner[n].dim() == 2)
+        self.bias = next((n for n in names if inner[n].dim() == 1), None)
+        self.order = names
+
+    def matrix(self, y: Params) -> torch.Tensor:
+        """W = [weight | bias] (C x (d+1)); stacked heads (T, C, d+1) from stacked parameters."""
+        w = y[self.weight]
+        return torch.cat([w, y[self.bias].unsqueeze(-1)], dim=-1) if self.bias is not None else w
+
+    def params(self, w: torch.Tensor) -> Params:
+        """The inner parameters of W (C x (d+1), or stacked (T, C, d+1))."""
+        out = {self.weight: w[..., : w.shape[-1] - (self.bias is not None)]}
+        if self.bias is not None:
+            out[self.bias] = w[..., -1]
+        return {k: out[k] for k in self.order}
+
+    def to_flat(self, w: torch.Tensor) -> torch.Tensor:
+        """The flat vector of W's parameters (one head C x (d+1))."""
+        return torch.cat([t.reshape(-1) for t in self.params(w).values()])
+
+    def from_flat(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """W (shaped as `like`, C x (d+1)) from the flat vector of its parameters."""
+        parts, i = {}, 0
+        for k, t in self.params(like).items():
+            parts[k] = v[i : i + t.numel()].reshape(t.shape)
+            i += t.numel()
+        return self.matrix(parts)
 
 
 def spd_solve(m: torch.Tensor, rhs: torch.Tensor, fallback: str = "lu") -> torch.Tensor:
