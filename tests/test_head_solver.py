@@ -223,11 +223,11 @@ def test_newton_heads_equals_a_plain_newton_per_task_with_uneven_iterations(kind
     got, info = newton_heads(prob, w0, max_iter=50, tol=1e-12, sync_every=sync_every)
     ref, infos = per_task_newton(per_task, w0, 50, 1e-12)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
-    assert info.iterations.tolist() == [r[0] for r in infos]
-    assert info.capped.tolist() == [r[2] for r in infos] and info.stalled.tolist() == [r[3] for r in infos]
-    torch.testing.assert_close(info.grad_norm, torch.tensor([r[1] for r in infos], dtype=D64), rtol=1e-3, atol=1e-14)
+    assert info.rows["iterations"].tolist() == [r[0] for r in infos]
+    assert info.rows["capped"].tolist() == [r[2] for r in infos] and info.rows["stalled"].tolist() == [r[3] for r in infos]
+    torch.testing.assert_close(info.rows["grad_norm"], torch.tensor([r[1] for r in infos], dtype=D64), rtol=1e-3, atol=1e-14)
     if t == 7 and kind == "classification":
-        assert len(set(info.iterations.tolist())) > 2  # the iteration counts are uneven across tasks
+        assert len(set(info.rows["iterations"].tolist())) > 2  # the iteration counts are uneven across tasks
 
 
 def test_newton_heads_caps_each_task_like_a_plain_newton():
@@ -237,8 +237,8 @@ def test_newton_heads_caps_each_task_like_a_plain_newton():
     got, info = newton_heads(prob, 4 * w, max_iter=3, tol=1e-12, form="primal")
     ref, infos = per_task_newton(per_task, 4 * w, 3, 1e-12)
     torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-11)
-    assert info.iterations.tolist() == [r[0] for r in infos] == [3, 3, 3, 3]
-    assert info.capped.tolist() == [r[2] for r in infos] == [True] * 4
+    assert info.rows["iterations"].tolist() == [r[0] for r in infos] == [3, 3, 3, 3]
+    assert info.rows["capped"].tolist() == [r[2] for r in infos] == [True] * 4
 
 
 def test_newton_heads_float32_ends_at_the_rounding_floor_like_a_plain_newton():
@@ -247,10 +247,10 @@ def test_newton_heads_float32_ends_at_the_rounding_floor_like_a_plain_newton():
     got, info = newton_heads(p32, torch.zeros_like(w).float(), max_iter=100, tol=1e-12)
     infos = [plain_newton(reference_g("classification", p32.feats[i], targets[i], 0.01, False, None),
                           torch.zeros_like(w[i]).float(), 100, 1e-12)[1] for i in range(3)]
-    assert not info.capped.any() and info.floor.all() and not info.stalled.any()
+    assert not info.rows["capped"].any() and info.rows["floor"].all() and not info.rows["stalled"].any()
     assert [r[4] for r in infos] == [True] * 3 and not any(r[2] or r[3] for r in infos)
-    assert info.iterations.tolist() == [r[0] for r in infos]
-    assert (info.grad_norm < 1e-4).all()
+    assert info.rows["iterations"].tolist() == [r[0] for r in infos]
+    assert (info.rows["grad_norm"] < 1e-4).all()
 
 
 def test_newton_heads_reads_the_host_once_per_iteration_at_most_whatever_t(monkeypatch):

@@ -28,8 +28,8 @@ from ..models.split import ModelSplit, Params, split_model
 from .algo_config import IMPLICIT_SYSTEMS, INNER_SOLVERS, AlgoConfig  # noqa: F401 (re-exported)
 from .guards import FiniteWatch, check_episode, check_episodes
 from ..solvers.head import HeadLayout
+from ..solvers.newton import InnerSolveInfo
 from .exact_head import closed_form_head, solve_head
-from .inner import InnerInfo
 from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
 
 @dataclass
@@ -211,7 +211,8 @@ class MetaAlgorithm(abc.ABC):
         if cfg.learn_l2:
             ref = next(iter(self.split.inner_init().values()))
             self.log_l2 = nn.Parameter(torch.tensor(math.log(cfg.l2), dtype=ref.dtype, device=ref.device))
-        self.last_inner = InnerInfo(0, float("nan"), False)
+        #: the last inner solve's record (`InnerSolveInfo`; test-time adaptation: its summaries as Python numbers)
+        self.last_inner = InnerSolveInfo(cfg.inner_solver, 0, float("nan"), False)
 
     def _why_not_exact(self, same_builtin: bool) -> str | None:
         """Why a head that could take the exact default does not (None: the inner part is no linear head)."""
@@ -290,11 +291,11 @@ class MetaAlgorithm(abc.ABC):
 
             y1, info = fn.solve_inner(g1, xa, {k: v.detach().unsqueeze(0) for k, v in y0.items()}, batch, solver="gd",
                                       steps=steps, lr=lr, guard=not cfg.plain_inner, batched=True)
-            self.last_inner, self.last_inner_lr = info.as_inner_info(), info.lr
+            self.last_inner, self.last_inner_lr = info, info.lr
             return {k: v[0] for k, v in y1.items()}
         y, info = fn.solve_inner(self.inner_objective, xa, y0, batch, solver=cfg.inner_solver, steps=steps, lr=lr,
                                  tol=cfg.inner_tol, guard=not cfg.plain_inner, cg_steps=cfg.cg_steps)
-        self.last_inner, self.last_inner_lr = info.as_inner_info(), info.lr
+        self.last_inner, self.last_inner_lr = info, info.lr
         return y
 
     def centre(self, attached: bool) -> Params | None:

@@ -22,7 +22,7 @@ from .. import pytree
 from ..implicit import conjugate_gradient, neumann_series
 from ..models.split import ModelSplit, Params
 from ..solvers.head import HeadProblem, newton_heads
-from .inner import InnerInfo
+from ..solvers.newton import InnerSolveInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import MetaAlgorithm
@@ -78,17 +78,14 @@ def detached_l2(algo: "MetaAlgorithm") -> torch.Tensor | float:
 
 
 def solve_head(algo: "MetaAlgorithm", feats: torch.Tensor, labels: torch.Tensor, y0: Params, centre: Params | None,
-               max_iter: int) -> tuple[Params, InnerInfo]:
+               max_iter: int) -> tuple[Params, InnerSolveInfo]:
     """One task's head solved exactly by `newton_heads` on T = 1 (test-time adaptation), from y0, without
     graph; its statistics read on the host in one read."""
     problem = head_problem(algo, pytree.detach(feats).unsqueeze(0), labels.unsqueeze(0), detached_l2(algo),
                            None if centre is None else stacked_centre(algo, False, 1, centre).detach())
     w0 = algo.head.matrix({k: v.detach() for k, v in y0.items()}).unsqueeze(0)
     w, info = newton_heads(problem, w0, max_iter, algo.config.inner_tol)
-    it, gnorm, capped, stalled, floor = torch.cat([info.iterations.double(), info.grad_norm.double(),
-                                                   info.capped.double(), info.stalled.double(),
-                                                   info.floor.double()]).tolist()
-    return algo.head.params(w[0]), InnerInfo(int(it), gnorm, bool(capped), bool(stalled), bool(floor))
+    return algo.head.params(w[0]), info.host()
 
 
 def implicit_solution(algo: "MRML", problem: HeadProblem, w: torch.Tensor, b: torch.Tensor,
@@ -144,8 +141,9 @@ def head_step(algo: "MRML", fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor
     f, pred = head_problem(algo, fq, qy, 0.0, None).data_value(w)
     (scale * (f - mixed).sum()).backward()
     dt = f.dtype
-    table = torch.stack([f.detach(), cg_its.to(dt), resid.to(dt), bad.to(dt), info.iterations.to(dt),
-                         info.grad_norm.to(dt), info.capped.to(dt), info.stalled.to(dt), info.floor.to(dt)])
+    r = info.rows
+    table = torch.stack([f.detach(), cg_its.to(dt), resid.to(dt), bad.to(dt), r["iterations"].to(dt),
+                         r["grad_norm"].to(dt), r["capped"].to(dt), r["stalled"].to(dt), r["floor"].to(dt)])
     return HeadStep(w, v, pred.detach(), table)
 
 
