@@ -53,6 +53,7 @@ from ..implicit import CGInfo
 from ..models.split import Params
 from ..pytree import detach
 from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, host_floats
+from .batched import batched_meta_gradient
 from .exact_head import detached_l2, head_problem, head_step, implicit_solution, stacked_centre, step_records
 from .guards import all_finite
 
@@ -147,8 +148,6 @@ class MRML(MetaAlgorithm):
         """
         try:
             if self.config.batched:
-                from .batched import batched_meta_gradient
-
                 return batched_meta_gradient(self, episodes, task_ids, scale, accumulate=accumulate,
                                              check_finite=check_finite)
             return super().meta_gradient(episodes, task_ids, scale, accumulate=accumulate, check_finite=check_finite)
