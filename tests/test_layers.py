@@ -144,3 +144,24 @@ def test_the_core_and_the_solvers_reach_nothing_in_algorithms(layer):
     for name in names:
         bad = sorted(m for m in reachable(graph, name) | {name} if m.startswith("mrml.algorithms"))
         assert not bad, f"{name} imports (directly or through others) {bad}"
+
+
+def test_one_flatten_serves_the_core_and_the_head_layout():
+    """`mrml.pytree.flatten`/`unflatten` is the one pair: the core re-exports it, the head layout wraps it."""
+    import torch
+
+    from mrml import functional, pytree
+    from mrml.algorithms.base import flat
+    from mrml.solvers import HeadLayout
+
+    assert functional.flatten is pytree.flatten is flat and functional.unflatten is pytree.unflatten
+    params = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([7.0, 8.0])}
+    head = HeadLayout(params)
+    w = head.matrix(params)
+    assert torch.equal(head.to_flat(w), torch.tensor([0.0, 1, 2, 3, 4, 5, 7, 8]))
+    assert torch.equal(head.from_flat(head.to_flat(w), w), w)
+    stacked = {k: torch.stack([v, 10 * v]) for k, v in params.items()}  # (T = 2, ...) rows
+    rows = pytree.flatten(stacked, batched=True)
+    assert rows.shape == (2, 8) and torch.equal(rows[1], 10 * rows[0])
+    back = pytree.unflatten(rows, stacked, batched=True)
+    assert all(torch.equal(back[k], stacked[k]) for k in stacked)

@@ -31,7 +31,7 @@ from .errors import UsageError
 from .implicit import CGInfo, conjugate_gradient, neumann_series
 from .solvers.newton import INNER_SOLVERS, InnerSolveInfo, newton_cg  # noqa: F401 (InnerSolveInfo re-exported)
 from . import pytree
-from .pytree import detach
+from .pytree import detach, flatten, unflatten  # noqa: F401 (flatten, unflatten re-exported)
 
 #: the inner-loop divergence guard halves the step size at most this many times per task
 MAX_HALVINGS = 40
@@ -48,24 +48,6 @@ Objective = Callable[[Params, Params, Any], torch.Tensor]
 ValueAndGrad = Callable[[Params], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
 
 IMPLICIT_METHODS = ("cg", "direct", "damped", "neumann")
-
-
-# -- flat vectors -----------------------------------------------------------------------------------
-def flatten(ps: Params, batched: bool = False) -> torch.Tensor:
-    """dict of tensors -> one flat vector (n,), or (T, n) rows when each tensor has a leading task dim."""
-    if batched:
-        return torch.cat([t.reshape(t.shape[0], -1) for t in ps.values()], dim=1)
-    return torch.cat([t.reshape(-1) for t in ps.values()])
-
-
-def unflatten(v: torch.Tensor, like: Params, batched: bool = False) -> Params:
-    """The inverse of `flatten`: views of `v` shaped as the tensors of `like`."""
-    out, i = {}, 0
-    for k, t in like.items():
-        n = t[0].numel() if batched else t.numel()
-        out[k] = (v[:, i : i + n] if batched else v[i : i + n]).reshape(t.shape)
-        i += n
-    return out
 
 
 def detached(ps: Params, requires_grad: bool = False) -> Params:

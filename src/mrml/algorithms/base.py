@@ -14,13 +14,14 @@ import abc
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .. import functional as fn
 from ..functional import MAX_HALVINGS, descend, detached, guard_rtol  # noqa: F401 (re-exported)
+from ..pytree import flatten as flat  # noqa: F401 (re-exported: benchmarks/theory.py)
 from ..data.base import Episode
 from ..errors import UsageError
 from ..models.modes import evaluation_modes
@@ -86,10 +87,6 @@ def mean_stats(per_task: list[StepStats]) -> StepStats:
     keys = {k for s in per_task for k in s.extra}
     extra = {k: sum(s.extra.get(k, 0.0) for s in per_task) / n for k in sorted(keys)}
     return StepStats(sum(s.loss for s in per_task) / n, sum(acc) / len(acc) if acc else None, extra)
-
-
-def flat(ts: Iterable[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in ts])
 
 
 class MetaAlgorithm(abc.ABC):

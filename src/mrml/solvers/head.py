@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from ..pytree import flatten, unflatten
 from .newton import ARMIJO, MAX_BACKTRACK, InnerSolveInfo
 
 Params = dict[str, torch.Tensor]
@@ -62,15 +63,11 @@ class HeadLayout:
 
     def to_flat(self, w: torch.Tensor) -> torch.Tensor:
         """The flat vector of W's parameters (one head C x (d+1))."""
-        return torch.cat([t.reshape(-1) for t in self.params(w).values()])
+        return flatten(self.params(w))
 
     def from_flat(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """W (shaped as `like`, C x (d+1)) from the flat vector of its parameters."""
-        parts, i = {}, 0
-        for k, t in self.params(like).items():
-            parts[k] = v[i : i + t.numel()].reshape(t.shape)
-            i += t.numel()
-        return self.matrix(parts)
+        return self.matrix(unflatten(v, self.params(like)))
 
 
 def spd_solve(m: torch.Tensor, rhs: torch.Tensor, fallback: str = "lu") -> torch.Tensor:
