@@ -26,10 +26,10 @@ from ..data.base import Episode
 from ..errors import UsageError
 from ..models.modes import evaluation_modes
 from ..models.split import ModelSplit, Params, split_model
-from .algo_config import IMPLICIT_SYSTEMS, INNER_SOLVERS, AlgoConfig  # noqa: F401 (re-exported)
-from .guards import FiniteWatch, check_episode, check_episodes
 from ..solvers.head import HeadLayout
 from ..solvers.newton import InnerSolveInfo
+from .algo_config import IMPLICIT_SYSTEMS, INNER_SOLVERS, AlgoConfig  # noqa: F401 (re-exported)
+from .guards import FiniteWatch, check_episode, check_episodes
 from .exact_head import closed_form_head, solve_head
 from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
 

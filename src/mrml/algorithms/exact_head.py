@@ -55,14 +55,17 @@ class HeadStep:
     table: torch.Tensor
 
 
-def stacked_centre(algo: "MetaAlgorithm", attached: bool, t: int, centre: Params | None = None) -> torch.Tensor | None:
-    """The proximal centre (`algo.centre(attached)` unless given) as a head matrix (T, C, d+1), or None
-    without a proximal term."""
-    centre = algo.centre(attached) if centre is None else centre
+def centre_matrix(algo: "MetaAlgorithm", centre: Params | None, t: int) -> torch.Tensor | None:
+    """A proximal centre (inner parameters) as T copies of its head matrix (T, C, d+1); None stays None."""
     if centre is None:
         return None
     w = algo.head.matrix(centre)
     return w.unsqueeze(0).expand(t, *w.shape)
+
+
+def stacked_centre(algo: "MetaAlgorithm", attached: bool, t: int) -> torch.Tensor | None:
+    """`algo`'s proximal centre as a head matrix (T, C, d+1), or None without a proximal term."""
+    return centre_matrix(algo, algo.centre(attached), t)
 
 
 def head_problem(algo: "MetaAlgorithm", feats: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | float,
@@ -82,7 +85,7 @@ def solve_head(algo: "MetaAlgorithm", feats: torch.Tensor, labels: torch.Tensor,
     """One task's head solved exactly by `newton_heads` on T = 1 (test-time adaptation), from y0, without
     graph; its statistics read on the host in one read."""
     problem = head_problem(algo, pytree.detach(feats).unsqueeze(0), labels.unsqueeze(0), detached_l2(algo),
-                           None if centre is None else stacked_centre(algo, False, 1, centre).detach())
+                           None if centre is None else centre_matrix(algo, centre, 1).detach())
     w0 = algo.head.matrix({k: v.detach() for k, v in y0.items()}).unsqueeze(0)
     w, info = newton_heads(problem, w0, max_iter, algo.config.inner_tol)
     return algo.head.params(w[0]), info.host()

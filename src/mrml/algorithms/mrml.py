@@ -54,7 +54,7 @@ from ..models.split import Params
 from ..pytree import detach
 from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, host_floats
 from .batched import batched_meta_gradient
-from .exact_head import detached_l2, head_problem, head_step, implicit_solution, stacked_centre, step_records
+from .exact_head import centre_matrix, detached_l2, head_problem, head_step, implicit_solution, step_records
 from .guards import all_finite
 
 
@@ -169,7 +169,7 @@ class MRML(MetaAlgorithm):
         cfg = self.config
         if cfg.implicit == "direct":  # the closed-form solve of the default form (exact_head), T = 1
             problem = head_problem(self, fs.unsqueeze(0), ys.unsqueeze(0), detached_l2(self),
-                                   stacked_centre(self, False, 1, centre))
+                                   centre_matrix(self, centre, 1))
             w = self.head.matrix(y)
             v, its, resid, bad = implicit_solution(self, problem, w.unsqueeze(0),
                                                    self.head.from_flat(rhs, w).unsqueeze(0), None)
@@ -197,7 +197,7 @@ class MRML(MetaAlgorithm):
         lam = self.l2_attached()
         if self.config.implicit == "direct":
             w = self.head.matrix(detached(y))
-            problem = head_problem(self, fs.unsqueeze(0), ys.unsqueeze(0), lam, stacked_centre(self, True, 1, centre))
+            problem = head_problem(self, fs.unsqueeze(0), ys.unsqueeze(0), lam, centre_matrix(self, centre, 1))
             return problem.grad_dot(w.unsqueeze(0), self.head.from_flat(v, w).unsqueeze(0))[0]
         return fn.mixed_term(self.inner_objective, xa, y, v, (fs, ys, centre, lam))
 
