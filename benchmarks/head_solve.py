@@ -1,12 +1,13 @@
-"""Timings of the batched head solver layer (`mrml.solvers.head`) against today's per-task code.
+"""Timings of the batched head solver layer (`mrml.solvers.head`) against a per-task loop of it (T = 1).
 
 For C-way k-shot support sets (n = C k) of random d-dimensional features (d = 64: Conv-4; d = 640:
 ResNet-12), T stacked tasks, float32:
-- implicit solve H^{-1} B: the per-task `LinearHeadLoss.solve` in a loop (dual or primal, as today)
+- implicit solve H^{-1} B: `HeadProblem.solve` task by task (T = 1) in a loop (dual or primal, Cholesky
+  read on the host: the per-task code this layer replaced, removed since; results before that ran it)
   against `HeadProblem.solve` by each form (dual, primal, woodbury; fallback "lu" = no host read, and
   woodbury with fallback "host") and the form the cost rule picks;
 - inner solve: `newton_heads` (one host read per iteration, or none: `sync_every=0`) against a loop
-  of `newton_head`, T = 32.
+  of `newton_heads` on one task at a time, T = 32.
 Median seconds over repeats; a combination whose leading flop count is over `--max-gflop` is skipped
 and recorded as such.
 
@@ -24,8 +25,6 @@ from typing import Callable
 
 import torch
 
-from mrml.algorithms.inner import newton_head
-from mrml.algorithms.linear_head import LinearHeadLoss
 from mrml.solvers import HeadProblem, newton_heads, solve_costs
 
 CASES = {"5w1s": (5, 1), "20w5s": (20, 5)}
@@ -41,14 +40,16 @@ def median_time(fn: Callable[[], object], repeats: int, budget_s: float) -> floa
     return statistics.median(times)
 
 
-def problem(t: int, ways: int, shots: int, d: int, lam: float, seed: int = 0) -> tuple[HeadProblem, list[LinearHeadLoss], torch.Tensor]:
+def problem(t: int, ways: int, shots: int, d: int, lam: float, seed: int = 0) -> tuple[HeadProblem, list[HeadProblem], torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     n = ways * shots
     feats = torch.randn(t, n, d, generator=g).relu()  # post-ReLU trunk features
     labels = torch.arange(ways).repeat(shots).expand(t, n).contiguous()
     w = 0.1 * torch.randn(t, ways, d + 1, generator=g)
     batched = HeadProblem.build(feats, labels, "classification", lam, True)
-    return batched, [LinearHeadLoss.build(feats[i], labels[i], "classification", lam, True) for i in range(t)], w
+    per_task = [HeadProblem.build(feats[i : i + 1], labels[i : i + 1], "classification", lam, True, fallback="host")
+                for i in range(t)]
+    return batched, per_task, w
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace) -> dict:
                 b = torch.randn_like(w)
                 pick = batched.form(ways)
                 variants: dict[str, tuple[str, Callable[[], object]]] = {
-                    "per_task_loop": (dense_form, lambda: [q.solve(w[i], b[i]) for i, q in enumerate(per_task)])}
+                    "per_task_loop": (dense_form, lambda: [q.solve(w[i : i + 1], b[i : i + 1], form=dense_form)
+                                                         for i, q in enumerate(per_task)])}
                 for form in ("dual", "primal", "woodbury"):
                     variants[form] = (form, lambda form=form: batched.solve(w, b, form=form))
                 host = HeadProblem(batched.feats, batched.targets, "classification", args.lam, fallback="host")
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
                 w0 = torch.zeros_like(w)
                 _, info = newton_heads(batched, w0, args.max_iter, args.tol)
                 its = info.iterations.tolist()
-                loop = lambda: [newton_head(q, w0[i], args.max_iter, args.tol) for i, q in enumerate(per_task)]
+                loop = lambda: [newton_heads(q, w0[i : i + 1], args.max_iter, args.tol) for i, q in enumerate(per_task)]
                 base = dict(bench="newton", case=case, d=d, T=t, picked=batched.form(ways), iterations_max=max(its),
                             iterations_mean=sum(its) / len(its))
                 record(**base, variant="per_task_loop", seconds=median_time(loop, args.repeats, args.budget_s))

@@ -1,6 +1,7 @@
-"""The batched head solver layer (`mrml.solvers.head`) against today's per-task code and dense references.
+"""The batched head solver layer (`mrml.solvers.head`) against independent references, task by task.
 
-float64; references: `LinearHeadLoss`/`newton_head` per task, and autograd Hessians with dense solves."""
+float64; references written here from torch alone: the loss as a plain function of W, its autograd
+gradients and dense Hessians with dense solves, and a plain per-task Newton loop (`plain_newton`)."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.functional import hessian
 
-from mrml.algorithms.inner import newton_head
-from mrml.algorithms.linear_head import LinearHeadLoss
 from mrml.errors import UsageError
 from mrml.solvers import HeadProblem, newton_heads, spd_solve
 
@@ -18,7 +17,8 @@ D64 = torch.float64
 
 def stacked(kind: str, t: int, n: int, c: int, d: int, bias: bool, lam, centre: bool = True, seed: int = 0,
             scales=None):
-    """T tasks (feature scale per task from `scales`), their HeadProblem and the per-task LinearHeadLosses."""
+    """T tasks (feature scale per task from `scales`), their HeadProblem and each task's g as a plain function
+    of W (`reference_g`)."""
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(t, n, d, generator=g, dtype=D64)
     if scales is not None:
@@ -29,9 +29,25 @@ def stacked(kind: str, t: int, n: int, c: int, d: int, bias: bool, lam, centre: 
     w = torch.randn(t, c, d + bias, generator=g, dtype=D64)
     prob = HeadProblem.build(feats, targets, kind, lam, bias, w0)
     lam_i = (lambda i: lam[i]) if isinstance(lam, torch.Tensor) and lam.dim() == 1 else (lambda i: lam)
-    per_task = [LinearHeadLoss.build(feats[i], targets[i], kind, lam_i(i), bias, None if w0 is None else w0[i])
+    per_task = [reference_g(kind, feats[i], targets[i], lam_i(i), bias, None if w0 is None else w0[i])
                 for i in range(t)]
     return prob, per_task, w, feats, targets, w0
+
+
+def reference_g(kind, feats, targets, lam, bias, w0):
+    """g(W) = loss(F~ W') + (lam/2)||W - W0||^2 of one task, written without the solver layer."""
+    def g(w: torch.Tensor) -> torch.Tensor:
+        z = feats @ w[:, : feats.shape[1]].T + (w[:, -1] if bias else 0.0)
+        loss = F.cross_entropy(z, targets) if kind == "classification" else F.mse_loss(z, targets)
+        return loss + 0.5 * lam * (w - (w0 if w0 is not None else 0.0)).pow(2).sum()
+    return g
+
+
+def grad_of(g, w: torch.Tensor, create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    wr = w.detach().requires_grad_(True) if not create_graph else w
+    with torch.enable_grad():
+        value = g(wr)
+        return value, torch.autograd.grad(value, wr, create_graph=create_graph)[0]
 
 
 def lams(t: int):
@@ -42,27 +58,38 @@ def lams(t: int):
 @pytest.mark.parametrize("t", [1, 4, 7])
 @pytest.mark.parametrize("kind", ["classification", "regression"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("n", [4, 12])  # n C < C p1 (dual) and n C >= C p1 (primal) for LinearHeadLoss
-def test_head_problem_equals_linear_head_loss_per_task(t, kind, bias, n):
+@pytest.mark.parametrize("n", [4, 12])  # n C < C p1 and n C >= C p1
+def test_head_problem_equals_dense_autograd_per_task(t, kind, bias, n):
     c, d = 3, 8 - bias
-    prob, per_task, w, *_ = stacked(kind, t, n, c, d, bias, lams(t))
+    prob, per_task, w, feats, targets, w0 = stacked(kind, t, n, c, d, bias, lams(t))
+    lam = lams(t)
     v = torch.randn_like(w)
     values, grads = prob.value_grad(w)
     data_values, data_grads = prob.data_value_grad(w)
     a = prob.weights(w)
-    form = "dual" if n * c < c * (d + bias) else "primal"
-    solved = prob.solve(w, v, a, form=form)
     hv, gd = prob.hvp(w, v, a), prob.grad_dot(w, v)
-    close = dict(rtol=1e-12, atol=1e-12)
-    for i, q in enumerate(per_task):
-        torch.testing.assert_close(values[i], q.value_grad(w[i])[0], **close)
-        torch.testing.assert_close(grads[i], q.value_grad(w[i])[1], **close)
-        torch.testing.assert_close(data_values[i], q.data_value_grad(w[i])[0], **close)
-        torch.testing.assert_close(data_grads[i], q.data_value_grad(w[i])[1], **close)
-        torch.testing.assert_close(a[i], q.weights(w[i]), **close)
-        torch.testing.assert_close(hv[i], q.hvp(w[i], v[i]), **close)
-        torch.testing.assert_close(gd[i], q.grad_dot(w[i], v[i]), **close)
-        torch.testing.assert_close(solved[i], q.solve(w[i], v[i]), **close)
+    close = dict(rtol=1e-11, atol=1e-12)
+    for i, g in enumerate(per_task):
+        value, grad = grad_of(g, w[i])
+        data_value, data_grad = grad_of(reference_g(kind, feats[i], targets[i], 0.0, bias, None), w[i])
+        h = hessian(g, w[i]).reshape(w[i].numel(), w[i].numel())
+        torch.testing.assert_close(values[i], value.detach(), **close)
+        torch.testing.assert_close(grads[i], grad, **close)
+        torch.testing.assert_close(data_values[i], data_value.detach(), **close)
+        torch.testing.assert_close(data_grads[i], data_grad, **close)
+        torch.testing.assert_close(hv[i], (h @ v[i].reshape(-1)).reshape(w[i].shape), **close)
+        torch.testing.assert_close(gd[i], (grad * v[i]).sum(), **close)
+        # A_i: the per-example blocks of the data loss's Hessian in the logits (block diagonal over examples)
+        f1 = torch.cat([feats[i], torch.ones(n, 1, dtype=D64)], 1) if bias else feats[i]
+
+        def data_in_logits(z):
+            return F.cross_entropy(z, targets[i]) if kind == "classification" else F.mse_loss(z, targets[i])
+
+        hz = hessian(data_in_logits, f1 @ w[i].T).reshape(n, c, n, c)
+        torch.testing.assert_close(a[i], torch.stack([hz[j, :, j] for j in range(n)]), **close)
+        for form in ("dual", "primal", "woodbury"):
+            ref = torch.linalg.solve(h, v[i].reshape(-1)).reshape(w[i].shape)
+            torch.testing.assert_close(prob.solve(w, v, a, form=form)[i], ref, rtol=1e-10, atol=1e-11)
 
 
 @pytest.mark.parametrize("kind", ["classification", "regression"])
@@ -76,8 +103,10 @@ def test_grad_dot_gradients_in_feats_lambda_and_centre_equal_per_task(kind):
     w, v = torch.randn(t, c, d + 1, generator=g, dtype=D64), torch.randn(t, c, d + 1, generator=g, dtype=D64)
     batched = torch.autograd.grad(HeadProblem.build(feats, targets, kind, lam, True, centre).grad_dot(w, v).sum(),
                                   (feats, lam, centre))
-    ref = torch.autograd.grad(sum(LinearHeadLoss.build(feats[i], targets[i], kind, lam[i], True, centre[i]).grad_dot(w[i], v[i])
-                                  for i in range(t)), (feats, lam, centre))
+    # <d_W g_i(W), V> by autograd with a graph into the features, lambda and the centre (double backward)
+    mixed = sum((grad_of(reference_g(kind, feats[i], targets[i], lam[i], True, centre[i]), w[i].clone().requires_grad_(True),
+                         create_graph=True)[1] * v[i]).sum() for i in range(t))
+    ref = torch.autograd.grad(mixed, (feats, lam, centre))
     for got, want in zip(batched, ref):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -138,49 +167,90 @@ def test_a_task_whose_primal_hessian_is_indefinite_is_solved_by_lu():
                                        rtol=1e-10, atol=1e-10)
 
 
+def plain_newton(g, w0: torch.Tensor, max_iter: int, tol: float):
+    """The rule `newton_heads` states, for one task, written out with Python floats, g's autograd gradient and
+    its dense autograd Hessian: stop at ||d g|| <= tol max(1, ||d g(W0)||) or `max_iter` iterations; full
+    steps while the slope is below 2 x 64 eps max(1, |g|) and they halve ||d g|| (else: floor); the gradient
+    as direction when the slope is not positive; Armijo (1e-4) over t = 1, 1/2, ... (40 trials), else stalled.
+    Returns (W, (iterations, ||d g||, capped, stalled, floor))."""
+    def vg(w):
+        value, grad = grad_of(g, w)
+        return float(value.detach()), grad
+
+    x = w0.clone()
+    gv, grad = vg(x)
+    gnorm = float(grad.norm())
+    target, eps = tol * max(1.0, gnorm), 64 * torch.finfo(x.dtype).eps
+    it, stalled, floor = 0, False, False
+    while gnorm > target and it < max_iter:
+        h = hessian(g, x).reshape(x.numel(), x.numel())
+        d = torch.linalg.solve(h, grad.reshape(-1)).reshape(x.shape)
+        slope = float((grad * d).sum())
+        if 0 < slope <= 2 * eps * max(1.0, abs(gv)):
+            gn, gradn = vg(x - d)
+            if not float(gradn.norm()) <= 0.5 * gnorm:
+                floor = True
+                break
+            x, gv, grad, gnorm, it = x - d, gn, gradn, float(gradn.norm()), it + 1
+            continue
+        if not slope > 0:
+            d, slope = grad, float((grad * grad).sum())
+        for k in range(40):
+            step = 0.5**k
+            gn, gradn = vg(x - step * d)
+            if gn <= gv - 1e-4 * step * slope:
+                break
+        else:
+            stalled = True
+            break
+        x, gv, grad, gnorm, it = x - step * d, gn, gradn, float(gradn.norm()), it + 1
+    return x, (it, gnorm, gnorm > target and not (stalled or floor), stalled, floor)
+
+
 def per_task_newton(per_task, w0, max_iter, tol):
-    out = [newton_head(q, w0[i], max_iter, tol) for i, q in enumerate(per_task)]
+    out = [plain_newton(g, w0[i], max_iter, tol) for i, g in enumerate(per_task)]
     return torch.stack([w for w, _ in out]), [info for _, info in out]
 
 
 @pytest.mark.parametrize("kind", ["classification", "regression"])
 @pytest.mark.parametrize("t", [1, 4, 7])
 @pytest.mark.parametrize("sync_every", [1, 0])
-def test_newton_heads_equals_newton_head_per_task_with_uneven_iterations(kind, t, sync_every):
+def test_newton_heads_equals_a_plain_newton_per_task_with_uneven_iterations(kind, t, sync_every):
     lam = torch.tensor([0.01, 0.5, 0.003, 0.1, 2.0, 0.02, 0.05][:t], dtype=D64)
     scales = [3.0, 0.5, 1.0, 5.0, 0.2, 2.0, 1.5][:t]
     prob, per_task, w, *_ = stacked(kind, t, 10, 4, 6, True, lam, seed=5, scales=scales)
     w0 = 4 * w
     got, info = newton_heads(prob, w0, max_iter=50, tol=1e-12, sync_every=sync_every)
     ref, infos = per_task_newton(per_task, w0, 50, 1e-12)
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
-    assert info.iterations.tolist() == [r.iterations for r in infos]
-    assert info.capped.tolist() == [r.capped for r in infos] and info.stalled.tolist() == [r.stalled for r in infos]
-    torch.testing.assert_close(info.grad_norm, torch.tensor([r.grad_norm for r in infos], dtype=D64), rtol=1e-3, atol=1e-14)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    assert info.rows["iterations"].tolist() == [r[0] for r in infos]
+    assert info.rows["capped"].tolist() == [r[2] for r in infos] and info.rows["stalled"].tolist() == [r[3] for r in infos]
+    torch.testing.assert_close(info.rows["grad_norm"], torch.tensor([r[1] for r in infos], dtype=D64), rtol=1e-3, atol=1e-14)
     if t == 7 and kind == "classification":
-        assert len(set(info.iterations.tolist())) > 2  # the iteration counts are uneven across tasks
+        assert len(set(info.rows["iterations"].tolist())) > 2  # the iteration counts are uneven across tasks
 
 
-def test_newton_heads_caps_each_task_like_newton_head():
-    """Capped iterates are not yet contracted onto the solution: compared with the form LinearHeadLoss uses."""
+def test_newton_heads_caps_each_task_like_a_plain_newton():
+    """Capped iterates are not yet contracted onto the solution: the directions must agree to rounding."""
     prob, per_task, w, *_ = stacked("classification", 4, 10, 4, 6, True, torch.tensor([0.01, 0.5, 0.003, 0.1], dtype=D64),
                                     seed=6, scales=[3.0, 0.5, 4.0, 1.0])
     got, info = newton_heads(prob, 4 * w, max_iter=3, tol=1e-12, form="primal")
     ref, infos = per_task_newton(per_task, 4 * w, 3, 1e-12)
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
-    assert info.iterations.tolist() == [r.iterations for r in infos] == [3, 3, 3, 3]
-    assert info.capped.tolist() == [r.capped for r in infos] == [True] * 4
+    torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-11)
+    assert info.rows["iterations"].tolist() == [r[0] for r in infos] == [3, 3, 3, 3]
+    assert info.rows["capped"].tolist() == [r[2] for r in infos] == [True] * 4
 
 
-def test_newton_heads_float32_ends_at_the_rounding_floor_like_newton_head():
-    prob, per_task, w, feats, targets, _ = stacked("classification", 3, 25, 5, 64, True, 0.01, centre=False, seed=1)
+def test_newton_heads_float32_ends_at_the_rounding_floor_like_a_plain_newton():
+    prob, _, w, feats, targets, _ = stacked("classification", 3, 25, 5, 64, True, 0.01, centre=False, seed=1)
     p32 = HeadProblem(prob.feats.float() * 3, prob.targets, prob.kind, prob.lam)
     got, info = newton_heads(p32, torch.zeros_like(w).float(), max_iter=100, tol=1e-12)
-    infos = [newton_head(LinearHeadLoss(p32.feats[i], targets[i], "classification", 0.01), torch.zeros_like(w[i]).float(),
-                         100, 1e-12)[1] for i in range(3)]
-    assert not info.capped.any() and info.floor.all() and not info.stalled.any()
-    assert info.iterations.tolist() == [r.iterations for r in infos]
-    assert (info.grad_norm < 1e-4).all()
+    infos = [plain_newton(reference_g("classification", p32.feats[i], targets[i], 0.01, False, None),
+                          torch.zeros_like(w[i]).float(), 100, 1e-12)[1] for i in range(3)]
+    assert not info.rows["capped"].any() and info.rows["floor"].all() and not info.rows["stalled"].any()
+    assert [r[4] for r in infos] == [True] * 3 and not any(r[2] or r[3] for r in infos)
+    assert info.rows["iterations"].tolist() == [r[0] for r in infos]
+    assert (info.rows["grad_norm"] < 1e-4).all()
 
 
 def test_newton_heads_reads_the_host_once_per_iteration_at_most_whatever_t(monkeypatch):

@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from torch.autograd.functional import hessian
 
 from mrml.algorithms import ANIL, ITDBiO, MRML, AlgoConfig
-from mrml.algorithms.inner import newton_head
-from mrml.algorithms.linear_head import LinearHeadLoss
 from mrml.cli import main
 from mrml.data.base import episode_rng
 from mrml.implicit import conjugate_gradient, neumann_series
 from mrml.models import build_model
+from mrml.solvers import HeadProblem, newton_heads
 
 D64 = torch.float64
 
@@ -29,11 +28,12 @@ def head_problem(kind: str, n: int, c: int, d: int, bias: bool, lam: float = 0.3
     p1 = d + bias
     w0 = torch.randn(c, p1, generator=g, dtype=D64) if centre else None
     w = torch.randn(c, p1, generator=g, dtype=D64)
-    return LinearHeadLoss.build(feats, targets, kind, lam, bias, w0), w, feats, targets, w0
+    prob = HeadProblem.build(feats[None], targets[None], kind, lam, bias, None if w0 is None else w0[None])
+    return prob, w, feats, targets, w0
 
 
 def reference_g(kind, feats, targets, lam, bias, w0):
-    """g(W) written independently of LinearHeadLoss."""
+    """g(W) written independently of HeadProblem."""
     def g(w: torch.Tensor) -> torch.Tensor:
         z = feats @ w[:, :feats.shape[1]].T + (w[:, -1] if bias else 0.0)
         loss = F.cross_entropy(z, targets) if kind == "classification" else F.mse_loss(z, targets)
@@ -45,40 +45,46 @@ def reference_g(kind, feats, targets, lam, bias, w0):
 @pytest.mark.parametrize("kind", ["classification", "regression"])
 @pytest.mark.parametrize("n,bias,centre", [(4, True, False), (40, True, True), (6, False, True), (30, False, False)])
 def test_linear_head_closed_forms_match_autograd(kind, n, bias, centre):
-    """Value, gradient, Hessian products and solves (dual when n C < p, primal otherwise)."""
+    """Value, gradient, Hessian products and every solve form (dual, primal, woodbury) of one task (T = 1),
+    also with a shifted Hessian H + s I (lambda + s)."""
     c, d = 3, 7
     prob, w, feats, targets, w0 = head_problem(kind, n, c, d, bias, centre=centre)
     g = reference_g(kind, feats, targets, 0.3, bias, w0)
     wr = w.clone().requires_grad_(True)
     value = g(wr)
     (grad,) = torch.autograd.grad(value, wr)
-    v, gr = prob.value_grad(w)
-    torch.testing.assert_close(v, value.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gr, grad, rtol=1e-11, atol=1e-12)
+    v, gr = prob.value_grad(w[None])
+    torch.testing.assert_close(v[0], value.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gr[0], grad, rtol=1e-11, atol=1e-12)
     h = hessian(g, w).reshape(w.numel(), w.numel())
     vec = torch.randn_like(w)
-    torch.testing.assert_close(prob.hvp(w, vec), (h @ vec.reshape(-1)).reshape(w.shape), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(prob.hvp(w[None], vec[None])[0], (h @ vec.reshape(-1)).reshape(w.shape), rtol=1e-10,
+                               atol=1e-12)
     for shift in (0.0, 0.7):
+        shifted = HeadProblem(prob.feats, prob.targets, kind, 0.3 + shift, prob.centre)
         ref = torch.linalg.solve(h + shift * torch.eye(w.numel(), dtype=D64), vec.reshape(-1)).reshape(w.shape)
-        torch.testing.assert_close(prob.solve(w, vec, shift=shift), ref, rtol=1e-9, atol=1e-11)
+        for form in ("dual", "primal", "woodbury"):
+            torch.testing.assert_close(shifted.solve(w[None], vec[None], form=form)[0], ref, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("kind", ["classification", "regression"])
 def test_newton_head_reaches_the_tolerance_from_far(kind):
     prob, w, *_ = head_problem(kind, 10, 4, 6, True, lam=0.01, seed=3)
-    w_star, info = newton_head(prob, 10 * w, max_iter=50, tol=1e-12)
-    assert info.grad_norm <= 1e-12 * max(1.0, float(prob.value_grad(10 * w)[1].norm()))
-    assert not info.capped and not info.stalled and info.iterations <= 30
+    w_star, info = newton_heads(prob, 10 * w[None], max_iter=50, tol=1e-12)
+    info = info.host()  # one task: the summaries are its figures
+    assert info.grad_norm <= 1e-12 * max(1.0, float(prob.value_grad(10 * w[None])[1].norm()))
+    assert not info.capped and not info.stalled and info.iterations <= 30 and info.converged
     # the minimiser: a second solve from elsewhere lands on the same point
-    w2, _ = newton_head(prob, torch.zeros_like(w), max_iter=50, tol=1e-12)
+    w2, _ = newton_heads(prob, torch.zeros_like(w)[None], max_iter=50, tol=1e-12)
     torch.testing.assert_close(w_star, w2, rtol=1e-8, atol=1e-9)
 
 
 def test_newton_head_float32_stops_at_rounding_not_the_cap():
     """float32 cannot resolve ||d_y g|| = 1e-12: the solve ends near the rounding floor, uncapped."""
     prob, w, *_ = head_problem("classification", 25, 5, 64, True, lam=0.01, seed=1)
-    prob32 = LinearHeadLoss(prob.feats.float() * 3, prob.targets, prob.kind, prob.lam)
-    w_star, info = newton_head(prob32, torch.zeros_like(w).float(), max_iter=100, tol=1e-12)
+    prob32 = HeadProblem(prob.feats.float() * 3, prob.targets, prob.kind, prob.lam)
+    w_star, info = newton_heads(prob32, torch.zeros_like(w).float()[None], max_iter=100, tol=1e-12)
+    info = info.host()
     assert not info.capped and info.iterations < 30
     assert info.grad_norm < 1e-4
 
@@ -187,9 +193,9 @@ def test_damped_system_shift(tiny):
         rhs = algo.query_gradient({}, y, fq, ep.query_y)
         v, _ = algo.solve({}, y, fs, ep.support_y, rhs, None)
         delta = max(0.0, 1.0 / (algo.last_inner_lr * k) - lam)
-        prob = algo.head_loss(fs, ep.support_y, None)
+        prob = HeadProblem.build(fs[None], ep.support_y[None], "classification", lam + delta, True)  # H + delta I
         w = algo.head.matrix(y)
-        ref = prob.solve(w, algo.head.from_flat(rhs, w), shift=delta)
+        ref = prob.solve(w[None], algo.head.from_flat(rhs, w)[None])[0]
         torch.testing.assert_close(algo.head.from_flat(v, w), ref, rtol=1e-8, atol=1e-10)
         assert (delta > 0) == (lam == 0.01)
 

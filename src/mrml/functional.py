@@ -22,17 +22,16 @@ features) receive their gradient through the surrogate's backward.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
-from .algorithms.algo_config import INNER_SOLVERS
-from .algorithms.inner import InnerInfo, newton_cg
 from .errors import UsageError
 from .implicit import CGInfo, conjugate_gradient, neumann_series
+from .solvers.newton import INNER_SOLVERS, InnerSolveInfo, newton_cg  # noqa: F401 (InnerSolveInfo re-exported)
 from . import pytree
-from .pytree import detach
+from .pytree import detach, flatten, unflatten  # noqa: F401 (flatten, unflatten re-exported)
 
 #: the inner-loop divergence guard halves the step size at most this many times per task
 MAX_HALVINGS = 40
@@ -49,24 +48,6 @@ Objective = Callable[[Params, Params, Any], torch.Tensor]
 ValueAndGrad = Callable[[Params], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
 
 IMPLICIT_METHODS = ("cg", "direct", "damped", "neumann")
-
-
-# -- flat vectors -----------------------------------------------------------------------------------
-def flatten(ps: Params, batched: bool = False) -> torch.Tensor:
-    """dict of tensors -> one flat vector (n,), or (T, n) rows when each tensor has a leading task dim."""
-    if batched:
-        return torch.cat([t.reshape(t.shape[0], -1) for t in ps.values()], dim=1)
-    return torch.cat([t.reshape(-1) for t in ps.values()])
-
-
-def unflatten(v: torch.Tensor, like: Params, batched: bool = False) -> Params:
-    """The inverse of `flatten`: views of `v` shaped as the tensors of `like`."""
-    out, i = {}, 0
-    for k, t in like.items():
-        n = t[0].numel() if batched else t.numel()
-        out[k] = (v[:, i : i + n] if batched else v[i : i + n]).reshape(t.shape)
-        i += n
-    return out
 
 
 def detached(ps: Params, requires_grad: bool = False) -> Params:
@@ -93,35 +74,6 @@ def inner_value_and_grad(g: Objective, x: Params, batch: Any, batched: bool = Fa
 
 
 # -- the inner problem -----------------------------------------------------------------------------
-@dataclass
-class InnerSolveInfo:
-    """What `solve_inner` did. Batched: the largest gradient norm over tasks, the smallest final step
-    size, and per task in `rows` ("lr", "grad_norm")."""
-
-    solver: str
-    iterations: int  # gd: accepted steps; newton: Newton iterations
-    grad_norm: float  # ||d_y g(x, y)|| at the returned y (batched gd: a 0-d tensor, no host read yet)
-    capped: bool  # newton: stopped by the iteration cap before the tolerance
-    stalled: bool  # newton: the line search found no decrease
-    lr: float  # gd: the step size in use at the end (after the guard's halvings; batched: a 0-d tensor); newton: the given lr
-    rows: dict[str, torch.Tensor] = field(default_factory=dict)
-    floor: bool = False  # newton: stopped at the rounding floor, ||d_y g|| above the tolerance
-
-    @property
-    def converged(self) -> bool:
-        """newton: reached its tolerance (not capped, stalled or at the floor); gd: always False (a fixed
-        number of steps: judge `grad_norm`)."""
-        return self.solver == "newton" and not (self.capped or self.stalled or self.floor)
-
-    def as_inner_info(self) -> InnerInfo:
-        return InnerInfo(self.iterations, self.grad_norm, self.capped, self.stalled, self.floor)
-
-    def stats(self) -> dict[str, float]:
-        """The keys `MetaAlgorithm` steps report (inner_iterations, inner_grad_norm, inner_capped,
-        inner_stalled) and inner_floor."""
-        return {**self.as_inner_info().stats(), "inner_floor": float(self.floor)}
-
-
 def descend(value_and_grad: ValueAndGrad, y: Params, steps: int, lr: float, guard: bool = True,
             ) -> tuple[Params, float]:
     """`steps` accepted steps y <- y - lr d_y g with `value_and_grad(y)` -> (g, d_y g) (one task).
@@ -291,8 +243,7 @@ def _solve_inner(g: Objective, x: Params, y0: Params, batch: Any, solver: str, s
             return value, torch.autograd.grad(value, v, create_graph=True)[0]
 
         v, info = newton_cg(flat_value_and_grad, flatten(y0), steps, tol, cg_steps)
-        return unflatten(v, y0), InnerSolveInfo("newton", info.iterations, info.grad_norm, info.capped,
-                                                info.stalled, float(lr), floor=info.floor)
+        return unflatten(v, y0), replace(info, lr=float(lr))
     if batched:
         y, lr_t = descend_tasks(value_and_grad, y0, steps, lr, guard)
         norms = flatten(dict(zip(y, value_and_grad(y)[1])), batched=True).norm(dim=1)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import UsageError
-from .pytree import leaves, tree_map
+from .pytree import flatten, leaves, unflatten
 
 
 class CGInfo:
@@ -147,24 +147,14 @@ def neumann_series(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tens
 
 
 def _flat_tree(tree: Any) -> torch.Tensor:
+    """`flatten(tree)`, refusing a tree without tensors or with mixed dtypes (one line each)."""
     ts = leaves(tree)
     if not ts:
         raise UsageError("solve(matvec, b): b must be a tensor or a dict/list/tuple of tensors (got no tensor)")
     if len({t.dtype for t in ts}) > 1:
         dtypes = sorted({str(t.dtype) for t in ts})
         raise UsageError(f"solve(matvec, b): the tensors of b must share one dtype (got {dtypes})")
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def _unflat_tree(v: torch.Tensor, like: Any) -> Any:
-    pos = [0]
-
-    def take(t: torch.Tensor) -> torch.Tensor:
-        i = pos[0]
-        pos[0] += t.numel()
-        return v[i : i + t.numel()].reshape(t.shape)
-
-    return tree_map(take, like)
+    return flatten(ts)
 
 
 class CGSolve:
@@ -188,7 +178,7 @@ class CGSolve:
         bf = _flat_tree(b)
 
         def flat_matvec(v: torch.Tensor) -> torch.Tensor:
-            out = _flat_tree(matvec(_unflat_tree(v, b))).to(v.dtype)
+            out = _flat_tree(matvec(unflatten(v, b))).to(v.dtype)
             return out + ridge * v if ridge else out
 
         x0 = _flat_tree(init).to(bf.dtype) if init is not None else None
@@ -197,7 +187,7 @@ class CGSolve:
         else:  # symmetric but possibly indefinite: CG on the normal equations A A x = A b
             x, self.info = conjugate_gradient(lambda v: flat_matvec(flat_matvec(v)), flat_matvec(bf), self.steps,
                                               self.tol, x0=x0)
-        return _unflat_tree(x, b)
+        return unflatten(x, b)
 
 
 def cg_solver(steps: int = 20, tol: float = 1e-10, *, ridge: float | None = None, init: Any = None,

@@ -3,7 +3,7 @@
 
 Example:
     >>> import torch
-    >>> from mrml.pytree import tree_map, leading_size, leaf_dict, rebuild
+    >>> from mrml.pytree import tree_map, leading_size, leaf_dict, rebuild, flatten, unflatten
     >>> batch = {"ids": torch.zeros(4, 7, dtype=torch.long), "mask": torch.ones(4, 7)}
     >>> leading_size(batch)
     4
@@ -12,6 +12,8 @@ Example:
     >>> tree = ({"a": torch.zeros(2)}, [torch.ones(1), 3.0])
     >>> rebuild(tree, [t + 1 for t in leaf_dict(tree).values()])
     ({'a': tensor([1., 1.])}, [tensor([2.]), 3.0])
+    >>> flatten(tree), unflatten(torch.arange(3.0), tree)
+    (tensor([0., 0., 1.]), ({'a': tensor([0., 1.])}, [tensor([2.]), 3.0]))
 """
 from __future__ import annotations
 
@@ -40,6 +42,30 @@ def leaves(tree: Tree) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     tree_map(lambda t: out.append(t), tree)
     return out
+
+
+def flatten(tree: Tree, batched: bool = False) -> torch.Tensor:
+    """The tensors of `tree` (`leaves` order) as one flat vector (n,); `batched`: each tensor has a leading
+    task dim T, giving (T, n) rows. The one flatten of mrml (parameter dicts, solver vectors, heads)."""
+    ts = leaves(tree)
+    if batched:
+        return torch.cat([t.reshape(t.shape[0], -1) for t in ts], dim=1)
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def unflatten(v: torch.Tensor, like: Tree, batched: bool = False) -> Tree:
+    """The inverse of `flatten`: `like`'s structure holding views of `v` shaped as its tensors (`batched`:
+    v is (T, n) rows and each tensor of `like` has the leading task dim)."""
+    pos = 0
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        nonlocal pos
+        n = t[0].numel() if batched else t.numel()
+        part = v[:, pos : pos + n] if batched else v[pos : pos + n]
+        pos += n
+        return part.reshape(t.shape)
+
+    return tree_map(take, like)
 
 
 def detach(tree: Tree) -> Tree:

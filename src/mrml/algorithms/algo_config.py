@@ -9,11 +9,11 @@ from difflib import get_close_matches
 from typing import Any
 
 from ..errors import UsageError
+from ..functional import IMPLICIT_METHODS as IMPLICIT_SYSTEMS
 from ..settings import check_settings, setting
+from ..solvers.newton import INNER_SOLVERS
 from ..validation import LR_MAX, floats, ints
 
-INNER_SOLVERS = ("gd", "newton")
-IMPLICIT_SYSTEMS = ("cg", "direct", "damped", "neumann")
 AMP_KINDS = ("bf16", "fp16")
 STEPS_MAX = 10**6
 

@@ -14,22 +14,23 @@ import abc
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .. import pytree
 from .. import functional as fn
 from ..functional import MAX_HALVINGS, descend, detached, guard_rtol  # noqa: F401 (re-exported)
+from ..pytree import flatten as flat  # noqa: F401 (re-exported: benchmarks/theory.py)
 from ..data.base import Episode
 from ..errors import UsageError
 from ..models.modes import evaluation_modes
 from ..models.split import ModelSplit, Params, split_model
+from ..solvers.head import HeadLayout
+from ..solvers.newton import InnerSolveInfo
 from .algo_config import IMPLICIT_SYSTEMS, INNER_SOLVERS, AlgoConfig  # noqa: F401 (re-exported)
 from .guards import FiniteWatch, check_episode, check_episodes
-from .inner import InnerInfo, newton_head
-from .linear_head import HeadLayout, LinearHeadLoss, closed_form_head
+from .exact_head import closed_form_head, solve_head
 from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
 
 @dataclass
@@ -86,10 +87,6 @@ def mean_stats(per_task: list[StepStats]) -> StepStats:
     keys = {k for s in per_task for k in s.extra}
     extra = {k: sum(s.extra.get(k, 0.0) for s in per_task) / n for k in sorted(keys)}
     return StepStats(sum(s.loss for s in per_task) / n, sum(acc) / len(acc) if acc else None, extra)
-
-
-def flat(ts: Iterable[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in ts])
 
 
 class MetaAlgorithm(abc.ABC):
@@ -211,7 +208,8 @@ class MetaAlgorithm(abc.ABC):
         if cfg.learn_l2:
             ref = next(iter(self.split.inner_init().values()))
             self.log_l2 = nn.Parameter(torch.tensor(math.log(cfg.l2), dtype=ref.dtype, device=ref.device))
-        self.last_inner = InnerInfo(0, float("nan"), False)
+        #: the last inner solve's record (`InnerSolveInfo`; test-time adaptation: its summaries as Python numbers)
+        self.last_inner = InnerSolveInfo(cfg.inner_solver, 0, float("nan"), False)
 
     def _why_not_exact(self, same_builtin: bool) -> str | None:
         """Why a head that could take the exact default does not (None: the inner part is no linear head)."""
@@ -266,14 +264,6 @@ class MetaAlgorithm(abc.ABC):
             g = g + self.regulariser(y, centre, lam)
         return g
 
-    def head_loss(self, feats: torch.Tensor, labels: torch.Tensor, centre: Params | None,
-                  lam: torch.Tensor | float | None = None) -> LinearHeadLoss:
-        """The closed-form inner loss of a linear head on `feats` (only when `self.head` is set)."""
-        assert self.head is not None
-        c = self.head.matrix(centre) if centre is not None else None
-        return LinearHeadLoss.build(feats, labels, self.loss.kind, self.l2 if lam is None else lam,
-                                    self.head.bias is not None, c)
-
     def inner_objective(self, x: Params, y: Params, batch: tuple) -> torch.Tensor:
         """g(x, y, batch) as the functional core takes it: batch = (support features, labels, centre or
         None, lambda or None)."""
@@ -287,11 +277,10 @@ class MetaAlgorithm(abc.ABC):
         cap (closed-form Hessian for a linear head, Newton-CG otherwise: `mrml.functional.solve_inner`).
         Statistics in `self.last_inner`, the final step size in `self.last_inner_lr`."""
         cfg = self.config
-        if cfg.inner_solver == "newton" and self.head is not None:
+        if cfg.inner_solver == "newton" and self.head is not None:  # the default form's solve on one task
             self.last_inner_lr = lr
-            problem = self.head_loss(pytree.detach(feats), labels, centre)
-            w, self.last_inner = newton_head(problem, self.head.matrix(detached(y0)), steps, cfg.inner_tol)
-            return self.head.params(w)
+            y, self.last_inner = solve_head(self, feats, labels, y0, centre, steps)
+            return y
         batch = (feats, labels, centre, None)
         if cfg.inner_solver == "gd":  # the task-batched path's masked loop on one task: no host read per step
             def g1(x: Params, y: Params, b: tuple) -> torch.Tensor:
@@ -299,11 +288,11 @@ class MetaAlgorithm(abc.ABC):
 
             y1, info = fn.solve_inner(g1, xa, {k: v.detach().unsqueeze(0) for k, v in y0.items()}, batch, solver="gd",
                                       steps=steps, lr=lr, guard=not cfg.plain_inner, batched=True)
-            self.last_inner, self.last_inner_lr = info.as_inner_info(), info.lr
+            self.last_inner, self.last_inner_lr = info, info.lr
             return {k: v[0] for k, v in y1.items()}
         y, info = fn.solve_inner(self.inner_objective, xa, y0, batch, solver=cfg.inner_solver, steps=steps, lr=lr,
                                  tol=cfg.inner_tol, guard=not cfg.plain_inner, cg_steps=cfg.cg_steps)
-        self.last_inner, self.last_inner_lr = info.as_inner_info(), info.lr
+        self.last_inner, self.last_inner_lr = info, info.lr
         return y
 
     def centre(self, attached: bool) -> Params | None:

@@ -59,7 +59,7 @@ from ..models.split import Params, Stages
 from ..precision import amp_dtype, autocast
 from .base import AlgoConfig, MetaAlgorithm, StepStats, detached, mean_stats
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover  (typing only: mrml.py imports this module, not the reverse)
     from .mrml import MRML
 
 

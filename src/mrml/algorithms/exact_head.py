@@ -16,15 +16,31 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from torch import nn
+
+from .. import pytree
 from ..implicit import conjugate_gradient, neumann_series
+from ..models.split import ModelSplit, Params
 from ..solvers.head import HeadProblem, newton_heads
+from ..solvers.newton import InnerSolveInfo
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .base import MetaAlgorithm
     from .mrml import MRML
 
 #: the per-task statistics of one step, in the order of `HeadStep.table`'s rows
 STAT_KEYS = ("loss", "cg_iterations", "cg_residual", "nonpositive_curvature", "inner_iterations", "inner_grad_norm",
              "inner_capped", "inner_stalled", "inner_floor")
+
+
+def closed_form_head(split: ModelSplit, kind: str) -> bool:
+    """Whether the inner part is exactly one linear layer on trunk features (the closed forms apply)."""
+    parts = list(split.adapt.children())
+    if len(parts) != 1 or len(list(parts[0].children())) != 1:
+        return False
+    (layer,) = parts[0].children()
+    return (isinstance(layer, nn.Linear) and not split.outer_names and kind in ("classification", "regression")
+            and len(split.inner_names) == len(list(layer.parameters())))
 
 
 @dataclass
@@ -39,18 +55,40 @@ class HeadStep:
     table: torch.Tensor
 
 
-def stacked_centre(algo: "MRML", attached: bool, t: int) -> torch.Tensor | None:
-    """The proximal centre as a head matrix (T, C, d+1), or None without a proximal term."""
-    centre = algo.centre(attached)
+def centre_matrix(algo: "MetaAlgorithm", centre: Params | None, t: int) -> torch.Tensor | None:
+    """A proximal centre (inner parameters) as T copies of its head matrix (T, C, d+1); None stays None."""
     if centre is None:
         return None
     w = algo.head.matrix(centre)
     return w.unsqueeze(0).expand(t, *w.shape)
 
 
-def head_problem(algo: "MRML", feats: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | float,
+def stacked_centre(algo: "MetaAlgorithm", attached: bool, t: int) -> torch.Tensor | None:
+    """`algo`'s proximal centre as a head matrix (T, C, d+1), or None without a proximal term."""
+    return centre_matrix(algo, algo.centre(attached), t)
+
+
+def head_problem(algo: "MetaAlgorithm", feats: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | float,
                  centre: torch.Tensor | None) -> HeadProblem:
+    """The inner (or, lam = 0 and no centre, outer) loss of `algo`'s head on T stacked tasks."""
     return HeadProblem.build(feats, labels, algo.loss.kind, lam, algo.head.bias is not None, centre)
+
+
+def detached_l2(algo: "MetaAlgorithm") -> torch.Tensor | float:
+    """lambda as the solves take it: a detached 0-d tensor when learned (no host read), else the float."""
+    lam = algo.l2_attached()
+    return lam.detach() if isinstance(lam, torch.Tensor) else lam
+
+
+def solve_head(algo: "MetaAlgorithm", feats: torch.Tensor, labels: torch.Tensor, y0: Params, centre: Params | None,
+               max_iter: int) -> tuple[Params, InnerSolveInfo]:
+    """One task's head solved exactly by `newton_heads` on T = 1 (test-time adaptation), from y0, without
+    graph; its statistics read on the host in one read."""
+    problem = head_problem(algo, pytree.detach(feats).unsqueeze(0), labels.unsqueeze(0), detached_l2(algo),
+                           None if centre is None else centre_matrix(algo, centre, 1).detach())
+    w0 = algo.head.matrix({k: v.detach() for k, v in y0.items()}).unsqueeze(0)
+    w, info = newton_heads(problem, w0, max_iter, algo.config.inner_tol)
+    return algo.head.params(w[0]), info.host()
 
 
 def implicit_solution(algo: "MRML", problem: HeadProblem, w: torch.Tensor, b: torch.Tensor,
@@ -95,8 +133,7 @@ def head_step(algo: "MRML", fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor
     cfg, t = algo.config, fs.shape[0]
     algo.last_inner_lr = cfg.inner_lr  # Newton takes no step size; the damped/neumann systems read it
     lam = algo.l2_attached()
-    lam_d = lam.detach() if isinstance(lam, torch.Tensor) else lam
-    inner = head_problem(algo, fs.detach(), sy, lam_d, stacked_centre(algo, False, t))
+    inner = head_problem(algo, fs.detach(), sy, detached_l2(algo), stacked_centre(algo, False, t))
     w, info = newton_heads(inner, w0.detach(), cfg.inner_steps, cfg.inner_tol, hint=getattr(algo, "newton_hint", None))
     query = head_problem(algo, fq.detach(), qy, 0.0, None)
     b = query.data_value_grad(w)[1]
@@ -107,8 +144,9 @@ def head_step(algo: "MRML", fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor
     f, pred = head_problem(algo, fq, qy, 0.0, None).data_value(w)
     (scale * (f - mixed).sum()).backward()
     dt = f.dtype
-    table = torch.stack([f.detach(), cg_its.to(dt), resid.to(dt), bad.to(dt), info.iterations.to(dt),
-                         info.grad_norm.to(dt), info.capped.to(dt), info.stalled.to(dt), info.floor.to(dt)])
+    r = info.rows
+    table = torch.stack([f.detach(), cg_its.to(dt), resid.to(dt), bad.to(dt), r["iterations"].to(dt),
+                         r["grad_norm"].to(dt), r["capped"].to(dt), r["stalled"].to(dt), r["floor"].to(dt)])
     return HeadStep(w, v, pred.detach(), table)
 
 

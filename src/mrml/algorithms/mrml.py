@@ -42,7 +42,6 @@ linear head (the exact Newton solve, `direct`) take the place of the autograd on
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -54,9 +53,9 @@ from ..implicit import CGInfo
 from ..models.split import Params
 from ..pytree import detach
 from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, host_floats
-from .exact_head import head_step, step_records
+from .batched import batched_meta_gradient
+from .exact_head import centre_matrix, detached_l2, head_problem, head_step, implicit_solution, step_records
 from .guards import all_finite
-from .linear_head import LinearHeadLoss
 
 
 class MRML(MetaAlgorithm):
@@ -149,8 +148,6 @@ class MRML(MetaAlgorithm):
         """
         try:
             if self.config.batched:
-                from .batched import batched_meta_gradient
-
                 return batched_meta_gradient(self, episodes, task_ids, scale, accumulate=accumulate,
                                              check_finite=check_finite)
             return super().meta_gradient(episodes, task_ids, scale, accumulate=accumulate, check_finite=check_finite)
@@ -170,17 +167,15 @@ class MRML(MetaAlgorithm):
               centre: Params | None, v0: torch.Tensor | None = None) -> tuple[torch.Tensor, CGInfo]:
         """v for the surrogate by `config.implicit`, at y with x detached (see the module docstring)."""
         cfg = self.config
-        if cfg.implicit == "direct":
-            assert self.head is not None
-            problem = self.head_loss(fs, ys, centre)
+        if cfg.implicit == "direct":  # the closed-form solve of the default form (exact_head), T = 1
+            problem = head_problem(self, fs.unsqueeze(0), ys.unsqueeze(0), detached_l2(self),
+                                   centre_matrix(self, centre, 1))
             w = self.head.matrix(y)
-            b = self.head.from_flat(rhs, w)
-            a = problem.weights(w)
-            v = problem.solve(w, b, a)
-            resid = (problem.hvp(w, v, a) - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny)
-            zero, r = torch.zeros((), dtype=torch.long), float(resid)
-            return self.head.to_flat(v), CGInfo(0, r, math.isfinite(r), 0, {"iterations": zero, "residual": resid,
-                                                                              "bad": zero.bool()})
+            v, its, resid, bad = implicit_solution(self, problem, w.unsqueeze(0),
+                                                   self.head.from_flat(rhs, w).unsqueeze(0), None)
+            info = CGInfo(its.max(), resid.max(), torch.isfinite(resid).all(), bad.sum(),
+                          {"iterations": its, "residual": resid, "bad": bad})
+            return self.head.to_flat(v[0]), info
         hvp = fn.hessian_vector_product(self.inner_objective, xa, y, (fs, ys, centre, None))
         lr, k = self.last_inner_lr, cfg.inner_steps
         damping = max(0.0, 1.0 / (lr * max(k, 1)) - self.l2) if cfg.implicit == "damped" else None
@@ -192,9 +187,8 @@ class MRML(MetaAlgorithm):
         """d_y f(x, y), flat, x detached (closed form on the `direct` path; autograd, as the paper's
         routine computes it, otherwise)."""
         if self.config.implicit == "direct":
-            w = self.head.matrix(y)
-            query = LinearHeadLoss.build(fq, qy, self.loss.kind, 0.0, self.head.bias is not None)
-            return self.head.to_flat(query.data_value_grad(w)[1])
+            query = head_problem(self, fq.unsqueeze(0), qy.unsqueeze(0), 0.0, None)
+            return self.head.to_flat(query.data_value_grad(self.head.matrix(y).unsqueeze(0))[1][0])
         return fn.outer_gradient(self.outer_objective, xa, y, (fq, qy), has_aux=True)
 
     def mixed_term(self, xa: Params, y: Params, v: torch.Tensor, fs: Any, ys: torch.Tensor,
@@ -203,7 +197,8 @@ class MRML(MetaAlgorithm):
         lam = self.l2_attached()
         if self.config.implicit == "direct":
             w = self.head.matrix(detached(y))
-            return self.head_loss(fs, ys, centre, lam).grad_dot(w, self.head.from_flat(v, w))
+            problem = head_problem(self, fs.unsqueeze(0), ys.unsqueeze(0), lam, centre_matrix(self, centre, 1))
+            return problem.grad_dot(w.unsqueeze(0), self.head.from_flat(v, w).unsqueeze(0))[0]
         return fn.mixed_term(self.inner_objective, xa, y, v, (fs, ys, centre, lam))
 
     @property

@@ -1,8 +1,7 @@
 """Closed forms and Newton for T stacked linear heads, with per-task reductions and no host reads.
 
 For task t, g_t(W) = loss(F~_t W') + (lam_t/2)||W - W0_t||^2 over W = [weight | bias] (C x (d+1)),
-as `mrml.algorithms.linear_head.LinearHeadLoss` writes it for one task (same maths, same rounding
-order where it matters). The Hessian is H = sum_i A_i (x) f~_i f~_i' + lam I with A_i the curvature of
+with closed forms for its value, gradient, Hessian products and solves (T = 1: one task). The Hessian is H = sum_i A_i (x) f~_i f~_i' + lam I with A_i the curvature of
 the loss in the logits of example i. `HeadProblem.solve` applies H^{-1} by the cheapest of
 
 - dual:     the n C x n C push-through system (lam I + K A) z = J B, LU (`solve_ex`);
@@ -18,7 +17,7 @@ picked by the leading flop counts of `solve_costs`. Cholesky factorisations neve
 on the host: `spd_solve` computes an LU solve for every row and keeps it where a row's factorisation
 failed (`fallback="lu"`), or reads the status once (`fallback="host"`, LU only if some row failed).
 
-`newton_heads` is `mrml.algorithms.inner._newton` run on all T tasks at once: masked, with every
+`newton_heads` is the Newton rule of `mrml.solvers.newton` run on all T tasks at once: masked, with every
 Armijo trial t = 1, 1/2, ..., 2^-(m-1) evaluated in one pass (the logits are affine along the search
 line and the ridge term quadratic in t).
 """
@@ -31,11 +30,44 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from ..pytree import flatten, unflatten
+from .newton import ARMIJO, MAX_BACKTRACK, InnerSolveInfo
 
-#: Armijo sufficient-decrease constant and the most halvings of a line search (as in algorithms.inner)
-ARMIJO, MAX_BACKTRACK = 1e-4, 40
+Params = dict[str, torch.Tensor]
+
 KINDS = ("classification", "regression")
 FORMS = ("dual", "primal", "woodbury")
+
+
+class HeadLayout:
+    """Converts between the inner parameters of a linear head ({weight, bias} dict, in their order) and
+    W = [weight | bias]; `to_flat`/`from_flat` are `mrml.pytree.flatten`/`unflatten` of the parameters."""
+
+    def __init__(self, inner: Params):
+        names = list(inner)
+        self.weight = next(n for n in names if inner[n].dim() == 2)
+        self.bias = next((n for n in names if inner[n].dim() == 1), None)
+        self.order = names
+
+    def matrix(self, y: Params) -> torch.Tensor:
+        """W = [weight | bias] (C x (d+1)); stacked heads (T, C, d+1) from stacked parameters."""
+        w = y[self.weight]
+        return torch.cat([w, y[self.bias].unsqueeze(-1)], dim=-1) if self.bias is not None else w
+
+    def params(self, w: torch.Tensor) -> Params:
+        """The inner parameters of W (C x (d+1), or stacked (T, C, d+1))."""
+        out = {self.weight: w[..., : w.shape[-1] - (self.bias is not None)]}
+        if self.bias is not None:
+            out[self.bias] = w[..., -1]
+        return {k: out[k] for k in self.order}
+
+    def to_flat(self, w: torch.Tensor) -> torch.Tensor:
+        """The flat vector of W's parameters (one head C x (d+1))."""
+        return flatten(self.params(w))
+
+    def from_flat(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """W (shaped as `like`, C x (d+1)) from the flat vector of its parameters."""
+        return self.matrix(unflatten(v, self.params(like)))
 
 
 def spd_solve(m: torch.Tensor, rhs: torch.Tensor, fallback: str = "lu") -> torch.Tensor:
@@ -244,29 +276,18 @@ class HeadProblem:
         return y0 + torch.einsum("tcai,ti->tca", y, q)
 
 
-@dataclass
-class HeadInfo:
-    """Per-task record of `newton_heads` (all (T,) tensors): iterations, final ||d_W g||, whether the
-    cap was hit, the line search stalled, or the rounding floor ended the solve."""
-
-    iterations: torch.Tensor
-    grad_norm: torch.Tensor
-    capped: torch.Tensor
-    stalled: torch.Tensor
-    floor: torch.Tensor
-
-
 @torch.no_grad()
 def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: float, form: str | None = None,
-                 sync_every: int = 1, hint: int | None = None) -> tuple[torch.Tensor, HeadInfo]:
+                 sync_every: int = 1, hint: int | None = None) -> tuple[torch.Tensor, InnerSolveInfo]:
     """Minimise every task's g_t from W0 (T, C, d+1) by one masked Newton loop; per task the rule of
-    `algorithms.inner._newton`: stop at ||d g|| <= tol max(1, ||d g(W0)||) or `max_iter` iterations;
+    `mrml.solvers.newton`: stop at ||d g|| <= tol max(1, ||d g(W0)||) or `max_iter` iterations;
     full steps while the decrement is below 64 eps of g and they halve ||d g|| (else stop: floor);
     the gradient as direction when the slope is not positive; stalled when no trial decreases g.
     Finished tasks keep their W. Host reads: one `active.any()` every `sync_every` iterations
     (0: none, always `max_iter` iterations); with `hint` (the iterations expected, e.g. the last
     step's most) at iterations hint, hint + 1, hint + 3, hint + 7, ... instead: one or two reads when
-    the hint is right, the iterations in between masked. Runs without graph."""
+    the hint is right, the iterations in between masked. Runs without graph. The record's summaries are
+    0-d tensors (most iterations, largest norm, any task capped/stalled/at the floor), per task in `rows`."""
     f64 = torch.float64
     x = w0.detach()
     g, grad = problem.value_grad(x)
@@ -303,4 +324,6 @@ def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: flo
         target = torch.where(hit_floor, gnorm, target)
         it, floor, stalled = it + accept.long(), floor | hit_floor, stalled | hit_stall
         active = accept & (gnorm > target) & (it < max_iter)
-    return x, HeadInfo(it, gnorm, (gnorm > target) & ~stalled, stalled, floor)
+    capped = (gnorm > target) & ~stalled
+    rows = {"iterations": it, "grad_norm": gnorm, "capped": capped, "stalled": stalled, "floor": floor}
+    return x, InnerSolveInfo("newton", it.max(), gnorm.max(), capped.any(), stalled.any(), rows=rows, floor=floor.any())
