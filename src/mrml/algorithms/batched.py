@@ -130,11 +130,16 @@ def task_grouped_copy(trunk: nn.Module) -> tuple[nn.Module, SimpleNamespace] | N
 class BatchedTrunk:
     """The trunk over (C, N, ...) inputs, with gradient, batch norm per task; optional autocast and
     torch.compile. Trunks built of modules known to act image by image (Conv-4, ResNet-12, MLPs) run
-    as one image-major flat batch with task-wise batch norm (`TaskBatchNorm`); others under vmap."""
+    as one image-major flat batch with task-wise batch norm (`TaskBatchNorm`); others under vmap. An
+    explicit trunk= (`run`: `ModelSplit.run_trunk`, the model's forward up to the trunk) runs task by
+    task, its features stacked: the model's forward is the user's code, not a module vmap can batch."""
 
     def __init__(self, trunk: nn.Module, amp: str | None = None, compile: bool = False,
-                 backend: str | Callable = "inductor", mode: str | None = None, grouped: bool = True):
+                 backend: str | Callable = "inductor", mode: str | None = None, grouped: bool = True,
+                 run: Callable[[Any], Any] | None = None):
         self.trunk = trunk
+        self.run = run
+        grouped = grouped and run is None
         self.amp = amp
         self.requested_compile = compile
         amp_dtype(amp)  # validate early
@@ -151,6 +156,8 @@ class BatchedTrunk:
 
     def forward(self, params: Params, x: Any) -> torch.Tensor:
         with autocast(pytree.leaves(x)[0].device, self.amp):
+            if self.run is not None:
+                return pytree.stack([self.run(pytree.tree_map(lambda t: t[c], x)) for c in range(pytree.leading_size(x))])
             if self.grouped is not None and isinstance(x, torch.Tensor):  # nested inputs: vmap below
                 C, N = x.shape[:2]
                 flat_x = x.transpose(0, 1).reshape(N * C, *x.shape[2:])  # image-major
@@ -189,8 +196,13 @@ class BatchedTrunk:
                                   stacklevel=3)
                     self.compiled = None
             if self.compiled is not None:
-                return self.compiled(params, x).to(dtype)
-        return self.forward(params, x).to(dtype)
+                return _cast(self.compiled(params, x), dtype)
+        return _cast(self.forward(params, x), dtype)
+
+
+def _cast(feats: Any, dtype: torch.dtype) -> Any:
+    """The floating-point tensors of `feats` (a tensor or a tree: an explicit trunk's) cast to `dtype`."""
+    return pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, feats)
 
 
 # -- Algorithm 1 on a chunk ------------------------------------------------------------------------
@@ -223,7 +235,8 @@ class TaskBatched:
         self.algo = algo
         self.signature = self.settings(algo.config)
         amp, compile, backend, mode, batching = self.signature
-        self.trunk = BatchedTrunk(algo.split.trunk, amp, compile, backend=backend, mode=mode, grouped=batching != "vmap")
+        self.trunk = BatchedTrunk(algo.split.trunk, amp, compile, backend=backend, mode=mode, grouped=batching != "vmap",
+                                  run=algo.split.run_trunk)
         self.warned = False
 
     @staticmethod
