@@ -7,7 +7,8 @@ Per chunk of C episodes of equal shapes (stacked along a new leading task dimens
   whose batch norms normalise each (task, channel) separately (`TaskBatchNorm`: what vmap's batch-norm
   rule computes, without its copies -- the same memory per task as the per-task form, and faster);
   any other trunk runs under `torch.func.vmap` over tasks of `functional_call(trunk, params, x)`
-  (`config.extra["trunk_batching"] = "vmap"` forces that);
+  (`config.extra["trunk_batching"] = "vmap"` forces that). An explicit `trunk=` runs through the
+  model's own forward (`ModelSplit.run_trunk`) task by task, its features stacked;
 - then the functional core (`mrml.functional`) with `batched=True`: g and f are the per-task losses
   under `torch.func.vmap` (one value per task), differentiated with ordinary autograd -- the per-task
   gradients are those of sum_c g_c, as g_c depends on y_c alone:
