@@ -277,3 +277,18 @@ def test_transformers_bert_trunk_gives_the_general_paths_hypergradient(scale):
     got = hypergradient(mine, eps)
     assert calls[0] == 4
     assert_same(got, general_reference(model, eps))
+
+
+def test_protonet_with_the_general_trunk_split_embeds_with_the_trunks_output(tiny):
+    """ProtoNet's embeddings are the trunk's output, also where the rest is not one linear layer."""
+    from mrml import ProtoNet
+    from test_library_api import CNNWithHidden, image_episodes
+
+    torch.manual_seed(0)
+    model = CNNWithHidden().double()
+    learner = ProtoNet(model, "classification", trunk="features")
+    ep = image_episodes(tiny, 1, dtype=torch.float64)[0]
+    stats = learner.meta_gradient([ep])
+    assert stats.accuracy is not None and model.features.conv1.weight.grad is not None
+    x = ep.query_x.view(-1, 1, 16, 16)
+    torch.testing.assert_close(learner.split.embeddings(ep.query_x), model.features(x), rtol=0, atol=0)

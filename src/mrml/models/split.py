@@ -114,8 +114,14 @@ class ModelSplit:
     general_reason: str | None = None
 
     def features(self, x: Any) -> Any:
-        """The trunk's output on the inputs `x` (a tensor or a dict/list/tuple of tensors)."""
+        """What the adapted part takes on the inputs `x` (a tensor or a dict/list/tuple of tensors): the
+        trunk's output; with an explicit trunk and the general `Rest`, (its tensors, x)."""
         return self.run_trunk(x) if self.run_trunk is not None else self.trunk(x)
+
+    def embeddings(self, x: Any) -> Any:
+        """The trunk's output on `x` as the model's forward computes it (ProtoNet's embeddings)."""
+        run = self.run_trunk
+        return run.output(x) if isinstance(run, TrunkForward) else self.features(x)
 
     def inner_init(self) -> Params:
         ps = dict(self.adapt.named_parameters())
@@ -303,6 +309,15 @@ class TrunkForward:
         self.inner, self.rest = inner or {}, rest
 
     def __call__(self, x: Any) -> Any:
+        out = self.output(x)
+        if self.rest is None:
+            return out
+        leaves: list[torch.Tensor] = []
+        self.rest.spec = _flatten(out, leaves)
+        return (tuple(leaves), x)
+
+    def output(self, x: Any) -> Any:
+        """The trunk's output on `x` (as it returns it)."""
         try:
             with _swapped(self.model, self.path, _Capture(self.trunk)):
                 self.model(x)
@@ -312,11 +327,7 @@ class TrunkForward:
                 raise UsageError(f"{type(self.model).__name__}.forward computes the trunk {self.path!r}'s input "
                                  f"from the inner parameter {name!r}: the trunk's features cannot depend on the "
                                  "adapted part; feed the trunk from the input and outer parameters only") from None
-            if self.rest is None:
-                return reached.out
-            leaves: list[torch.Tensor] = []
-            self.rest.spec = _flatten(reached.out, leaves)
-            return (tuple(leaves), x)
+            return reached.out
         raise UsageError(f"{type(self.model).__name__}.forward never called the trunk {self.path!r}: "
                          "name the submodule that its forward runs on the input")
 
