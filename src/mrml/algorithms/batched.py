@@ -158,7 +158,8 @@ class BatchedTrunk:
     def forward(self, params: Params, x: Any) -> torch.Tensor:
         with autocast(pytree.leaves(x)[0].device, self.amp):
             if self.run is not None:
-                return pytree.stack([self.run(pytree.tree_map(lambda t: t[c], x)) for c in range(pytree.leading_size(x))])
+                tasks = range(pytree.leading_size(x))
+                return pytree.stack([self.run(pytree.tree_map(lambda t: t[c], x)) for c in tasks])
             if self.grouped is not None and isinstance(x, torch.Tensor):  # nested inputs: vmap below
                 C, N = x.shape[:2]
                 flat_x = x.transpose(0, 1).reshape(N * C, *x.shape[2:])  # image-major
@@ -236,8 +237,8 @@ class TaskBatched:
         self.algo = algo
         self.signature = self.settings(algo.config)
         amp, compile, backend, mode, batching = self.signature
-        self.trunk = BatchedTrunk(algo.split.trunk, amp, compile, backend=backend, mode=mode, grouped=batching != "vmap",
-                                  run=algo.split.run_trunk)
+        self.trunk = BatchedTrunk(algo.split.trunk, amp, compile, backend=backend, mode=mode,
+                                  grouped=batching != "vmap", run=algo.split.run_trunk)
         self.warned = False
 
     @staticmethod
