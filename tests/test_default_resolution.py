@@ -84,9 +84,11 @@ def test_explicit_trunk_with_layers_before_the_head_runs_exact_default(tiny):
     assert calls[0] == 2 * len(eps) and model.hidden.weight.grad is not None
     for a, e in zip(outer_grads(named), outer_grads(auto)):
         assert torch.equal(a, e)
-    with pytest.raises(UsageError, match="trunk="):  # the task-batched path runs no model forward
-        MRML(model, "classification", AlgoConfig(inner="classifier", task_chunk=2, inner_solver="gd", implicit="cg",
-                                                 learn_l2=False), trunk="features")
+    chunked = MRML(model, "classification", AlgoConfig(inner="classifier", task_chunk=2), trunk="features")
+    assert resolved(chunked) == EXACT  # the task-batched path runs the model's forward per task
+    chunked.meta_gradient(eps)
+    for a, e in zip(outer_grads(chunked), outer_grads(auto)):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("cls", [MRML, ANIL, ITDBiO])

@@ -310,14 +310,24 @@ def test_loss_must_return_a_scalar(tiny):
         learner.meta_gradient(image_episodes(tiny, 1))
 
 
-def test_forward_using_its_input_beyond_the_trunk_is_a_usage_error(tiny):
+def test_forward_using_its_input_beyond_the_trunk_meta_trains(tiny):
+    """The rest of the forward reads the input (it does not depend on the inner parameters): the trunk
+    still runs twice per task, the hypergradient that of the whole model adapted without trunk=."""
     class Skip(CNNWithHidden):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.classifier(torch.tanh(self.hidden(self.features(x)))) + x.mean()
 
-    learner = ANIL(Skip(), "classification", AlgoConfig(inner="classifier"), trunk="features")
-    with pytest.raises(UsageError, match="uses its input other than by passing it to the trunk"):
-        learner.meta_gradient(image_episodes(tiny, 1))
+    torch.manual_seed(0)
+    model = Skip().double()
+    eps = image_episodes(tiny, 2, dtype=torch.float64)
+    learner = ANIL(model, "classification", AlgoConfig(inner="classifier", inner_steps=3), trunk="features")
+    calls = count_calls(model.features)
+    learner.meta_gradient(eps)
+    assert calls[0] == 2 * len(eps)
+    named = [p.grad.clone() for p in model.parameters()]
+    ANIL(model, "classification", AlgoConfig(inner="classifier", inner_steps=3)).meta_gradient(eps)
+    for a, e in zip(named, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
 
 
 def test_trunk_called_twice_or_never_is_a_usage_error(tiny):
@@ -390,10 +400,19 @@ def test_accumulate_twice_is_twice_once(tiny, cls):
         assert (p.grad is None) if g is None else torch.allclose(p.grad, g, rtol=1e-12, atol=1e-15)
 
 
-def test_task_batched_path_refuses_an_explicit_trunk():
-    with pytest.raises(UsageError, match="trunk="):
-        MRML(CNN(), "classification", AlgoConfig(inner="classifier", task_chunk=2, inner_solver="gd", implicit="cg",
-                                                 learn_l2=False), trunk="features")
+def test_task_batched_path_runs_an_explicit_trunk_per_task(tiny):
+    """task_chunk > 1 runs trunk= through the model's forward task by task: the per-task hypergradient."""
+    torch.manual_seed(0)
+    model = CNN().double()
+    eps = image_episodes(tiny, 4, dtype=torch.float64)
+    cfg = dict(inner="classifier", inner_solver="gd", implicit="cg", learn_l2=False, cg_tol=1e-14)
+    MRML(model, "classification", AlgoConfig(**cfg), trunk="features").meta_gradient(eps)
+    per_task = [p.grad.clone() for p in model.features.parameters()]
+    calls = count_calls(model.features)
+    MRML(model, "classification", AlgoConfig(task_chunk=2, **cfg), trunk="features").meta_gradient(eps)
+    assert calls[0] == 2 * len(eps)
+    for a, e in zip(per_task, [p.grad for p in model.features.parameters()]):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-10)
 
 
 class _FlattenNet(nn.Module):

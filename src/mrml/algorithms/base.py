@@ -166,12 +166,10 @@ class MetaAlgorithm(abc.ABC):
         if self.config.l2 is None:
             self.config.l2 = self.default_l2
         cfg = self.config
-        # the task-batched path runs a trunk module on stacked tasks: no split at a head's input there
+        # the task-batched path runs a trunk module on stacked tasks: no automatic split at a head's input
+        # there (an explicit trunk= runs through the model's forward task by task: `BatchedTrunk`)
         self.split: ModelSplit = split_model(model, cfg.inner, cfg.recompute_features, trunk,
                                              head_split_ok=not cfg.batched)
-        if cfg.batched and self.split.run_trunk is not None:
-            raise UsageError("task_chunk > 1, amp and compile run the trunk module on stacked tasks, not through the "
-                             "model's forward as trunk= does: use task_chunk=1 without amp/compile, or no trunk=")
         if cfg.inner is None:  # explicit trunk: everything outside it adapts
             cfg.inner = ",".join(self.split.model_name[n] for n in self.split.inner_names)
         self.prox = cfg.prox = cfg.prox if cfg.prox is not None else not self.split.inner_is_last_stage

@@ -7,7 +7,8 @@ Per chunk of C episodes of equal shapes (stacked along a new leading task dimens
   whose batch norms normalise each (task, channel) separately (`TaskBatchNorm`: what vmap's batch-norm
   rule computes, without its copies -- the same memory per task as the per-task form, and faster);
   any other trunk runs under `torch.func.vmap` over tasks of `functional_call(trunk, params, x)`
-  (`config.extra["trunk_batching"] = "vmap"` forces that);
+  (`config.extra["trunk_batching"] = "vmap"` forces that). An explicit `trunk=` runs through the
+  model's own forward (`ModelSplit.run_trunk`) task by task, its features stacked;
 - then the functional core (`mrml.functional`) with `batched=True`: g and f are the per-task losses
   under `torch.func.vmap` (one value per task), differentiated with ordinary autograd -- the per-task
   gradients are those of sum_c g_c, as g_c depends on y_c alone:
@@ -130,11 +131,16 @@ def task_grouped_copy(trunk: nn.Module) -> tuple[nn.Module, SimpleNamespace] | N
 class BatchedTrunk:
     """The trunk over (C, N, ...) inputs, with gradient, batch norm per task; optional autocast and
     torch.compile. Trunks built of modules known to act image by image (Conv-4, ResNet-12, MLPs) run
-    as one image-major flat batch with task-wise batch norm (`TaskBatchNorm`); others under vmap."""
+    as one image-major flat batch with task-wise batch norm (`TaskBatchNorm`); others under vmap. An
+    explicit trunk= (`run`: `ModelSplit.run_trunk`, the model's forward up to the trunk) runs task by
+    task, its features stacked: the model's forward is the user's code, not a module vmap can batch."""
 
     def __init__(self, trunk: nn.Module, amp: str | None = None, compile: bool = False,
-                 backend: str | Callable = "inductor", mode: str | None = None, grouped: bool = True):
+                 backend: str | Callable = "inductor", mode: str | None = None, grouped: bool = True,
+                 run: Callable[[Any], Any] | None = None):
         self.trunk = trunk
+        self.run = run
+        grouped = grouped and run is None
         self.amp = amp
         self.requested_compile = compile
         amp_dtype(amp)  # validate early
@@ -151,6 +157,9 @@ class BatchedTrunk:
 
     def forward(self, params: Params, x: Any) -> torch.Tensor:
         with autocast(pytree.leaves(x)[0].device, self.amp):
+            if self.run is not None:
+                tasks = range(pytree.leading_size(x))
+                return pytree.stack([self.run(pytree.tree_map(lambda t: t[c], x)) for c in tasks])
             if self.grouped is not None and isinstance(x, torch.Tensor):  # nested inputs: vmap below
                 C, N = x.shape[:2]
                 flat_x = x.transpose(0, 1).reshape(N * C, *x.shape[2:])  # image-major
@@ -189,8 +198,13 @@ class BatchedTrunk:
                                   stacklevel=3)
                     self.compiled = None
             if self.compiled is not None:
-                return self.compiled(params, x).to(dtype)
-        return self.forward(params, x).to(dtype)
+                return _cast(self.compiled(params, x), dtype)
+        return _cast(self.forward(params, x), dtype)
+
+
+def _cast(feats: Any, dtype: torch.dtype) -> Any:
+    """The floating-point tensors of `feats` (a tensor or a tree: an explicit trunk's) cast to `dtype`."""
+    return pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, feats)
 
 
 # -- Algorithm 1 on a chunk ------------------------------------------------------------------------
@@ -223,7 +237,8 @@ class TaskBatched:
         self.algo = algo
         self.signature = self.settings(algo.config)
         amp, compile, backend, mode, batching = self.signature
-        self.trunk = BatchedTrunk(algo.split.trunk, amp, compile, backend=backend, mode=mode, grouped=batching != "vmap")
+        self.trunk = BatchedTrunk(algo.split.trunk, amp, compile, backend=backend, mode=mode,
+                                  grouped=batching != "vmap", run=algo.split.run_trunk)
         self.warned = False
 
     @staticmethod

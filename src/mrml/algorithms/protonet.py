@@ -82,7 +82,7 @@ class ProtoNet(MetaAlgorithm):
         return list(self.split.trunk.parameters())
 
     def logits(self, ep: Episode) -> torch.Tensor:
-        return prototype_logits(self.split.features(ep.support_x), ep.support_y, self.split.features(ep.query_x))
+        return prototype_logits(self.split.embeddings(ep.support_x), ep.support_y, self.split.embeddings(ep.query_x))
 
     def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
         pred = self.logits(ep)

@@ -13,16 +13,19 @@ Two ways to find the trunk:
   run with the layer replaced by a stand-in that records its input) and the adapted part is the layer
   alone, as with an explicit trunk (learn2learn's `self.classifier(self.features(x))`);
 - explicit (`trunk="features"`, a dotted submodule name or the submodule itself): any model whose
-  forward calls that submodule once. Its features are what the model's own forward passes to it
-  (the forward is run up to that call and stopped there); the rest of the model is the model's own
-  forward with the trunk replaced by a stand-in returning precomputed features (`Rest`), so a
-  forward `self.classifier(self.features(x))` or anything else after the trunk call works. The
-  rest receives a placeholder in place of the input (the trunk consumed it): the forward may use
-  its input only to feed the trunk. When the rest is exactly one `nn.Linear` applied to the
-  features (checked once, by a probe), the adapted part is that layer alone, so the closed forms
-  of a linear head apply (`mrml.algorithms.linear_head`). When the forward does more after the trunk
-  and ends with that layer (`head_of`), the features are the layer's input, as in the automatic
-  split at a linear head above (the trunk still called once per forward, checked on every call).
+  forward calls that submodule once, with any positional and keyword arguments taken from the input
+  (`self.encoder(**batch)`, `self.encoder(x, mask)`), returning a tensor or a dataclass (such as a
+  Hugging Face ModelOutput), dict, list or tuple of tensors. Its features are its output on what the
+  model's own forward passes to it (the forward is run up to that call and stopped there); its
+  arguments must not be computed from the inner parameters (checked on the autograd graph). The rest of
+  the model is the model's own forward on the input with the trunk replaced by a stand-in returning
+  the precomputed output (`Rest`), so a forward `self.classifier(self.features(x))`, or one that picks
+  `.last_hidden_state` and pools it with the input's attention mask, works. When the rest is exactly
+  one `nn.Linear` applied to the features (checked once, by a probe), the adapted part is that layer
+  alone, so the closed forms of a linear head apply (`mrml.algorithms.linear_head`). When the forward
+  does more after the trunk and ends with that layer (`head_of`, the trunk traced as one opaque call),
+  the features are the layer's input, as in the automatic split at a linear head above (the trunk
+  still called once per forward, checked on every call).
   An inner part made of one module's parameters counts as the model's last stage (a head: by
   default ridge-regularised towards 0 from a fixed init); a wider one gets the proximal inner loss
   (`AlgoConfig.prox` overrides either).
@@ -34,12 +37,13 @@ changes their default estimator).
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.func import functional_call
 
 from ..errors import UsageError
@@ -110,8 +114,14 @@ class ModelSplit:
     general_reason: str | None = None
 
     def features(self, x: Any) -> Any:
-        """The trunk's output on the inputs `x` (a tensor or a dict/list/tuple of tensors)."""
+        """What the adapted part takes on the inputs `x` (a tensor or a dict/list/tuple of tensors): the
+        trunk's output; with an explicit trunk and the general `Rest`, (its tensors, x)."""
         return self.run_trunk(x) if self.run_trunk is not None else self.trunk(x)
+
+    def embeddings(self, x: Any) -> Any:
+        """The trunk's output on `x` as the model's forward computes it (ProtoNet's embeddings)."""
+        run = self.run_trunk
+        return run.output(x) if isinstance(run, TrunkForward) else self.features(x)
 
     def inner_init(self) -> Params:
         ps = dict(self.adapt.named_parameters())
@@ -136,7 +146,7 @@ class ModelSplit:
 
 # -- explicit trunk ------------------------------------------------------------------------------
 class TrunkConsumed:
-    """Stands for the model's input in `Rest`: the trunk already consumed it. Attribute access,
+    """Stands for the model's input in the probe of `_applies_linear` (no input there). Attribute access,
     calls and indexing return the placeholder itself (so `self.features(x.view(...))` or
     `self.encoder(x["ids"])` reach the stand-in); any other use is a UsageError."""
 
@@ -162,10 +172,74 @@ class TrunkConsumed:
         return "<input consumed by the trunk>"
 
 
-_CONSUMED_MSG = ("the model's forward uses its input other than by passing it to the trunk: with trunk=..., "
-                 "the rest of the forward runs on precomputed features; compute such input-dependent parts "
-                 "inside the trunk module")
+_CONSUMED_MSG = "the model's forward uses its input other than by passing it to the trunk"
 _CONSUMED = TrunkConsumed()
+
+
+# the trunk's output as tensor leaves and a structure without tensors (`_flatten`, `_rebuild`)
+_TENSOR = ("tensor",)
+_PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.Size)
+
+
+def _flatten(obj: Any, out: list[torch.Tensor]) -> tuple:
+    """Append the tensors of `obj` (a tensor, or a dataclass -- a ModelOutput --, dict, list or tuple of
+    them, other leaves plain values) to `out`; return its structure."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return _TENSOR
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        names = [f.name for f in dataclasses.fields(obj)]
+        return ("dataclass", type(obj), names, [_flatten(getattr(obj, n), out) for n in names])
+    if isinstance(obj, dict):
+        return ("dict", type(obj), list(obj), [_flatten(v, out) for v in obj.values()])
+    if isinstance(obj, (list, tuple)):
+        return ("seq", type(obj), [_flatten(v, out) for v in obj])
+    if isinstance(obj, _PLAIN):
+        return ("plain", obj)
+    raise UsageError(f"the trunk returned a {type(obj).__name__}: trunk= needs a tensor, or a dataclass (such as a "
+                     "ModelOutput), dict, list or tuple of tensors")
+
+
+def _rebuild(spec: tuple, leaves: Iterator[torch.Tensor]) -> Any:
+    """The structure `spec` (from `_flatten`) with its tensors taken in order from `leaves`."""
+    kind = spec[0]
+    if kind == "tensor":
+        return next(leaves)
+    if kind == "plain":
+        return spec[1]
+    if kind == "dataclass":
+        cls, names, parts = spec[1:]
+        values = {n: _rebuild(p, leaves) for n, p in zip(names, parts)}
+        init = {f.name for f in dataclasses.fields(cls) if f.init}
+        obj = cls(**{n: v for n, v in values.items() if n in init})
+        for n, v in values.items():
+            if n not in init:
+                object.__setattr__(obj, n, v)
+        return obj
+    if kind == "dict":
+        cls, keys, parts = spec[1:]
+        return cls(zip(keys, [_rebuild(p, leaves) for p in parts]))
+    cls, parts = spec[1:]
+    items = [_rebuild(p, leaves) for p in parts]
+    return cls(*items) if hasattr(cls, "_fields") else cls(items)
+
+
+def _reaches(tensors: list[torch.Tensor], targets: dict[int, str]) -> str | None:
+    """The name of a tensor of `targets` (by id) that one of `tensors` was computed from (autograd graph)."""
+    todo = [t for t in tensors if id(t) in targets]
+    if todo:
+        return targets[id(todo[0])]
+    nodes, seen = [t.grad_fn for t in tensors if t.grad_fn is not None], set()
+    while nodes:
+        node = nodes.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) in targets:
+            return targets[id(var)]
+        nodes.extend(n for n, _ in node.next_functions if n is not None)
+    return None
 
 
 class _Given(nn.Module):
@@ -184,9 +258,9 @@ class _Reached(BaseException):
     """Raised by `_Capture` to stop the model's forward once the trunk has run (not an Exception,
     so a user's `except Exception` does not swallow it)."""
 
-    def __init__(self, out: Any):
+    def __init__(self, out: Any, inputs: list[torch.Tensor]):
         super().__init__()
-        self.out = out
+        self.out, self.inputs = out, inputs
 
 
 class _Capture(nn.Module):
@@ -197,7 +271,17 @@ class _Capture(nn.Module):
         self.__dict__["real"] = trunk  # not registered: the model's module tree is unchanged
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise _Reached(self.real(*args, **kwargs))
+        inputs: list[torch.Tensor] = []
+        _flatten_args((args, kwargs), inputs)
+        raise _Reached(self.real(*args, **kwargs), inputs)
+
+
+def _flatten_args(obj: Any, out: list[torch.Tensor]) -> None:
+    """The tensors among a call's arguments (any other value ignored)."""
+    try:
+        _flatten(obj, out)
+    except UsageError:
+        pass
 
 
 @contextmanager
@@ -213,37 +297,65 @@ def _swapped(model: nn.Module, path: str, module: nn.Module) -> Iterator[None]:
 
 
 class TrunkForward:
-    """features(x): the model's forward on `x` up to its call of the trunk, which runs as called."""
+    """features(x): the model's forward on `x` up to its call of the trunk, which runs as called.
 
-    def __init__(self, model: nn.Module, path: str, trunk: nn.Module):
+    With `rest` (the general split), the features are (the trunk output's tensors, x): `rest` keeps the
+    output's structure and gets the input back. The trunk's arguments must not be computed from the
+    inner parameters (`inner`: id -> name; checked on the autograd graph where gradients are on)."""
+
+    def __init__(self, model: nn.Module, path: str, trunk: nn.Module, inner: dict[int, str] | None = None,
+                 rest: "Rest | None" = None):
         self.model, self.path, self.trunk = model, path, trunk
+        self.inner, self.rest = inner or {}, rest
 
     def __call__(self, x: Any) -> Any:
+        out = self.output(x)
+        if self.rest is None:
+            return out
+        leaves: list[torch.Tensor] = []
+        self.rest.spec = _flatten(out, leaves)
+        return (tuple(leaves), x)
+
+    def output(self, x: Any) -> Any:
+        """The trunk's output on `x` (as it returns it)."""
         try:
             with _swapped(self.model, self.path, _Capture(self.trunk)):
                 self.model(x)
         except _Reached as reached:
+            name = _reaches(reached.inputs, self.inner) if self.inner else None
+            if name is not None:
+                raise UsageError(f"{type(self.model).__name__}.forward computes the trunk {self.path!r}'s input "
+                                 f"from the inner parameter {name!r}: the trunk's features cannot depend on the "
+                                 "adapted part; feed the trunk from the input and outer parameters only") from None
             return reached.out
         raise UsageError(f"{type(self.model).__name__}.forward never called the trunk {self.path!r}: "
                          "name the submodule that its forward runs on the input")
 
 
 class Rest(nn.Module):
-    """The model's forward after the trunk: the trunk replaced by a stand-in returning `feats`."""
+    """The model's forward after the trunk: the model's forward on the input with the trunk replaced by
+    a stand-in returning the precomputed output. Its features are (the output's tensors, the input),
+    as `TrunkForward` gives them; `spec` is the output's structure."""
 
     def __init__(self, model: nn.Module, path: str):
         super().__init__()
         self.model = model
         self.path = path
+        self.spec: tuple = _TENSOR
 
-    def forward(self, feats: Any) -> Any:
-        given = _Given(feats)
+    def run(self, out: Any, x: Any) -> Any:
+        """The model's output on input `x` given the trunk's output `out`."""
+        given = _Given(out)
         with _swapped(self.model, self.path, given):
-            out = self.model(_CONSUMED)
+            pred = self.model(x)
         if given.calls != 1:
             raise UsageError(f"{type(self.model).__name__}.forward called the trunk {self.path!r} {given.calls} times: "
                              "trunk=... needs a submodule called once per forward")
-        return out
+        return pred
+
+    def forward(self, feats: tuple[tuple[torch.Tensor, ...], Any]) -> Any:
+        leaves, x = feats
+        return self.run(_rebuild(self.spec, iter(leaves)), x)
 
 
 def resolve_trunk(model: nn.Module, trunk: str | nn.Module) -> tuple[str, nn.Module]:
@@ -288,7 +400,7 @@ def _applies_linear(model: nn.Module, path: str, linear: nn.Linear) -> bool:
                if not (n == path or n.startswith(path + "."))}
     try:
         with torch.no_grad():
-            out = functional_call(rest, buffers, (probe,), strict=False)
+            out = functional_call(rest, buffers, (((probe,), _CONSUMED),), strict=False)
     except Exception:  # noqa: BLE001 -- any failure means "not provably a linear head": the general path
         return False
     finally:
@@ -312,7 +424,7 @@ def _descendants(node: Any) -> list[Any]:
     return list(seen)
 
 
-def head_of(model: nn.Module, path: str, linear: nn.Linear) -> tuple[str | None, bool]:
+def head_of(model: nn.Module, path: str, linear: nn.Linear, trunk: str | None = None) -> tuple[str | None, bool]:
     """Whether the model's forward is `linear(features)` with features that cannot depend on `linear`.
 
     Returns (None, True) when a torch.fx trace shows the layer called once, on one positional argument,
@@ -320,7 +432,9 @@ def head_of(model: nn.Module, path: str, linear: nn.Linear) -> tuple[str | None,
     features are computed before the call, so they do not depend on them); else (the reason, whether
     the layer still looks like a head: no layer with parameters after it). Tracing runs the forward on
     proxies (no data), once in training and once in eval mode (the mode is restored); a forward that
-    cannot be traced is not split."""
+    cannot be traced is not split. With an explicit `trunk` (its name), the trunk is one opaque call
+    (its code is not traced) and `**input` unpacking in the forward is traced as one keyword argument
+    (the input's keys are not known before it is called): what the trace checks is the head's call."""
     ids = {id(p) for p in linear.parameters()}
     holders = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids]
     if len(holders) != len(ids):
@@ -331,7 +445,7 @@ def head_of(model: nn.Module, path: str, linear: nn.Linear) -> tuple[str | None,
         for training in (True, False):  # a forward that branches on self.training: both branches
             for m in modes:  # the flags only (a custom train() may do more)
                 m.training = training
-            why, head_like = _traced_head(model, path)
+            why, head_like = _traced_head(model, path, trunk)
             if why is not None:
                 return why, head_like
     finally:
@@ -340,13 +454,25 @@ def head_of(model: nn.Module, path: str, linear: nn.Linear) -> tuple[str | None,
     return None, True
 
 
-def _traced_head(model: nn.Module, path: str) -> tuple[str | None, bool]:
-    """`head_of`'s check on one torch.fx trace of the model's forward (in the model's current mode)."""
-    from torch import fx
+class _TrunkTracer(fx.Tracer):
+    """A torch.fx tracer that keeps the module `trunk` as one call and traces `**proxy` as one keyword."""
 
+    def __init__(self, trunk: str):
+        super().__init__()
+        self.trunk = trunk
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name == self.trunk or super().is_leaf_module(m, module_qualified_name)
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        return ["unpacked_input"]
+
+
+def _traced_head(model: nn.Module, path: str, trunk: str | None = None) -> tuple[str | None, bool]:
+    """`head_of`'s check on one torch.fx trace of the model's forward (in the model's current mode)."""
     before = set(model.__dict__)
     try:
-        graph = fx.Tracer().trace(model)
+        graph = (fx.Tracer() if trunk is None else _TrunkTracer(trunk)).trace(model)
     except Exception as e:  # noqa: BLE001 -- an untraceable forward is not provably a head: the general path
         return f"the forward could not be traced to check it ({_first_line(e)})", True
     finally:
@@ -466,25 +592,27 @@ def explicit_split(model: nn.Module, inner: str | None, trunk: str | nn.Module) 
     named_linear = linear_of(model, inner_model)
     linear = named_linear[1] if named_linear is not None else None
     reason = None
+    rest: Rest | None = None
     if linear is not None and _applies_linear(model, path, linear):
         adapt: nn.Module = Stages([linear])
         in_last = True
     else:
         if named_linear is not None:  # the forward does more after the trunk: a head at the end of it?
-            why, head_like = head_of(model, *named_linear)
+            why, head_like = head_of(model, *named_linear, trunk=path)
             if why is None:
                 return head_split(model, *named_linear, trunk=(path, module))
             reason = f"{why} (layer {named_linear[0]!r})" if head_like else None
         # the inner part counts as the last stage (a head) when it is the parameters of one module
-        adapt = Rest(model, path)
+        adapt = rest = Rest(model, path)
         in_last = len({n.rpartition(".")[0] for n in inner_model}) == 1
     by_id = {id(p): n for n, p in named}
     model_name = {n: by_id[id(p)] for n, p in adapt.named_parameters() if id(p) not in trunk_ids}
     inner_set = set(inner_model)
     inner_names = [n for n, m in model_name.items() if m in inner_set]
     outer_names = [n for n, m in model_name.items() if m not in inner_set]
+    inner_ids = {id(p): n for n, p in named if n in inner_set}
     return ModelSplit(model, module, adapt, inner_names, outer_names, model_name, in_last, path,
-                      TrunkForward(model, path, module), reason)
+                      TrunkForward(model, path, module, inner_ids, rest), reason)
 
 
 def split_model(model: nn.Module, inner: str | None = "head", recompute: bool = False,
