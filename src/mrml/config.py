@@ -159,7 +159,7 @@ class RunConfig:
         the exact inner solve (newton, mrml's and imaml's default) with --inner-steps 0 (no inner solve at
         all), and --amp fp16 on the CPU (fp16 autocast there is slow and not what is meant; bf16 is fine)."""
         from .algorithms import ALGORITHMS
-        from .train import pick_device
+        from .devices import pick_device
 
         algo = ALGORITHMS.get(self.algo)
         solvers = getattr(algo, "inner_solvers", ("gd",))

@@ -22,7 +22,7 @@ Two ways to find the trunk:
   the precomputed output (`Rest`), so a forward `self.classifier(self.features(x))`, or one that picks
   `.last_hidden_state` and pools it with the input's attention mask, works. When the rest is exactly
   one `nn.Linear` applied to the features (checked once, by a probe), the adapted part is that layer
-  alone, so the closed forms of a linear head apply (`mrml.algorithms.linear_head`). When the forward
+  alone, so the closed forms of a linear head apply (`mrml.algorithms.exact_head`, `mrml.solvers.head`). When the forward
   does more after the trunk and ends with that layer (`head_of`, the trunk traced as one opaque call),
   the features are the layer's input, as in the automatic split at a linear head above (the trunk
   still called once per forward, checked on every call).
