@@ -148,7 +148,7 @@ def test_a_failed_cholesky_row_falls_back_to_lu_without_a_host_read_or_error():
     m[1] = m[1] - 3.0 * torch.eye(6, dtype=D64) * m[1].diagonal().max()  # symmetric, indefinite, invertible
     assert torch.linalg.cholesky_ex(m)[1].tolist()[1] != 0 and torch.linalg.eigvalsh(m[1]).abs().min() > 1e-3
     rhs = torch.randn(3, 6, 2, generator=g, dtype=D64)
-    for fallback in ("lu", "host"):
+    for fallback in ("lu", "host", "ldl"):
         torch.testing.assert_close(spd_solve(m, rhs, fallback), torch.linalg.solve(m, rhs), rtol=1e-12, atol=1e-12)
 
 

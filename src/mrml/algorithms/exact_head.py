@@ -21,7 +21,7 @@ from torch import nn
 from .. import pytree
 from ..implicit import conjugate_gradient, neumann_series
 from ..models.split import ModelSplit, Params
-from ..solvers.head import HeadProblem, newton_heads
+from ..solvers.head import default_fallback, HeadProblem, newton_heads
 from ..solvers.newton import InnerSolveInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,7 +71,8 @@ def stacked_centre(algo: "MetaAlgorithm", attached: bool, t: int) -> torch.Tenso
 def head_problem(algo: "MetaAlgorithm", feats: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | float,
                  centre: torch.Tensor | None) -> HeadProblem:
     """The inner (or, lam = 0 and no centre, outer) loss of `algo`'s head on T stacked tasks."""
-    return HeadProblem.build(feats, labels, algo.loss.kind, lam, algo.head.bias is not None, centre)
+    return HeadProblem.build(feats, labels, algo.loss.kind, lam, algo.head.bias is not None, centre,
+                             default_fallback(feats.device))
 
 
 def detached_l2(algo: "MetaAlgorithm") -> torch.Tensor | float:
