@@ -88,3 +88,30 @@ def test_sync_budget(tiny, form, meta_batch, chunk):
     chunks = -(-meta_batch // chunk)
     budget = PER_CHUNK * chunks + PER_STEP
     assert counter.total <= budget, (counter.total, budget, counter.by_site.most_common(8))
+
+
+@pytest.mark.parametrize("implicit", ["cg", "damped", "neumann"])
+@pytest.mark.parametrize("learn_l2", [False, True])
+def test_batched_gd_forms_equal_per_task(tiny, implicit, learn_l2):
+    """Algorithm 1's gd form with each linear system and a learned lambda runs on stacked tasks too (the
+    guard's per-task step sizes feed the damped and Neumann systems task by task)."""
+    eps = uneven_episodes(tiny, 5)
+    cfg = dict(inner_solver="gd", implicit=implicit, learn_l2=learn_l2, inner_steps=8, inner_lr=3.5, l2=0.05,
+               cg_steps=30, cg_tol=1e-12)  # a step the guard halves for some tasks, not others
+    ref_model, ref = make(**cfg)
+    s0 = ref.meta_gradient(eps)
+    model, algo = make(task_chunk=3, **cfg)
+    s1 = algo.meta_gradient(eps)
+    a, b = outer_grads(ref_model, ref), outer_grads(model, algo)
+    assert float((a - b).norm()) <= 1e-9 * float(a.norm())
+    assert s1.loss == pytest.approx(s0.loss, rel=1e-10)
+    assert s1.extra["inner_lr"] == pytest.approx(s0.extra["inner_lr"], rel=1e-12)
+    if learn_l2:
+        assert float(algo.log_l2.grad) == pytest.approx(float(ref.log_l2.grad), rel=1e-9)
+
+
+def test_the_guard_halves_some_tasks_step_in_the_gd_form_test(tiny):
+    """The test above exercises per-task step sizes only if the guard acted on some tasks and not others."""
+    _, algo = make(inner_solver="gd", implicit="damped", learn_l2=False, inner_steps=8, inner_lr=3.5, l2=0.05)
+    lrs = {algo.meta_gradient([ep]).extra["inner_lr"] for ep in uneven_episodes(tiny, 5)}
+    assert len(lrs) >= 2, lrs

@@ -390,9 +390,11 @@ def _check_implicit(implicit: str | Callable, damping: float | None, lr: float |
     if implicit not in IMPLICIT_METHODS:
         raise UsageError(f"implicit must be one of {', '.join(IMPLICIT_METHODS)} or a solve(matvec, b) callable "
                          f"(got {implicit!r})")
-    if implicit == "damped" and (damping is None or not damping >= 0):
+    # tensors (per-task values computed by the caller, e.g. the task-batched path) are not read here
+    if implicit == "damped" and (damping is None or (not isinstance(damping, torch.Tensor) and not damping >= 0)):
         raise UsageError(f"implicit='damped' needs damping >= 0 (got {damping!r})")
-    if implicit == "neumann" and (lr is None or steps is None or not lr > 0 or steps < 1):
+    if implicit == "neumann" and (lr is None or steps is None or steps < 1
+                                  or (not isinstance(lr, torch.Tensor) and not lr > 0)):
         raise UsageError(f"implicit='neumann' needs lr > 0 and steps >= 1 (got lr={lr!r}, steps={steps!r})")
 
 

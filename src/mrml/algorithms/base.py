@@ -248,8 +248,12 @@ class MetaAlgorithm(abc.ABC):
             self.log_l2.grad = None
 
     # -- losses --------------------------------------------------------------------------------
+    def l2_value(self) -> torch.Tensor | float:
+        """lambda without graph: a 0-d tensor when learned (no host read), else the configured float."""
+        return self.log_l2.detach().exp() if self.log_l2 is not None else float(self.config.l2)
+
     def regulariser(self, y: Params, centre: Params | None, lam: torch.Tensor | float | None = None) -> torch.Tensor:
-        lam = self.l2 if lam is None else lam
+        lam = self.l2_value() if lam is None else lam
         terms = [((v - centre[k]) if centre is not None else v).pow(2).sum() for k, v in y.items()]
         return 0.5 * lam * torch.stack(terms).sum()
 

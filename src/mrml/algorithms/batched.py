@@ -304,8 +304,14 @@ class TaskBatched:
         if any(w is not None for w in warm):
             n = sum(t[0].numel() for t in y.values())
             v0 = torch.stack([w[1] if w is not None else y[next(iter(y))].new_zeros(n) for w in warm])
+        damping = lr_rows = None  # the K-step systems, per task (each task's guard may have halved its step)
+        if cfg.implicit in ("damped", "neumann"):
+            lr_rows = inner.rows["lr"].to(dtype).unsqueeze(1)
+            if cfg.implicit == "damped":
+                damping = (1.0 / (lr_rows * max(cfg.inner_steps, 1)) - algo.l2_value()).clamp_min(0.0)
         surrogate, info = fn.hypergradient(g, f, xa, y, inner_batch=(fs, sy, algo.centre(True), algo.l2_attached()),
-                                           outer_batch=(fq, qy), cg_steps=cfg.cg_steps, cg_tol=cfg.cg_tol, v0=v0,
+                                           outer_batch=(fq, qy), implicit=cfg.implicit, damping=damping, lr=lr_rows,
+                                           steps=cfg.inner_steps, cg_steps=cfg.cg_steps, cg_tol=cfg.cg_tol, v0=v0,
                                            inner_info=inner, has_aux=True, batched=True, return_surrogate=True,
                                            check=False,  # Algorithm 1 truncates the solves on purpose
                                            cg_hint=algo.cg_hint)

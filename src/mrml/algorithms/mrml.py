@@ -105,10 +105,10 @@ class MRML(MetaAlgorithm):
         if cfg.implicit == "direct" and self.head is None:
             raise UsageError("--implicit direct needs the inner part to be one linear layer (the head) under "
                              "classification or regression loss: use --implicit cg")
-        if cfg.batched and not self.exact_head and (cfg.inner_solver != "gd" or cfg.implicit != "cg" or cfg.learn_l2):
+        if cfg.batched and not self.exact_head and (cfg.inner_solver != "gd" or cfg.implicit == "direct"):
             raise UsageError("--task-chunk, --amp and --compile run the exact head solve (a linear inner head) or "
-                             "Algorithm 1's gradient-descent form: use --inner-solver gd --implicit cg without "
-                             "--learn-l2 for this inner part, or drop those options")
+                             "Algorithm 1's gradient-descent form (any --implicit but direct) on stacked tasks; "
+                             "Newton-CG on a wider inner part runs per task: use --inner-solver gd, or drop those options")
         self._warm: dict[Any, tuple[Params, torch.Tensor]] = {}
         #: Newton iterations the last exact head solve needed, CG iterations the last linear solve needed
         #: (their host checks start there; None: every iteration)
