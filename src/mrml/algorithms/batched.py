@@ -7,8 +7,11 @@ Per chunk of C episodes of equal shapes (stacked along a new leading task dimens
   whose batch norms normalise each (task, channel) separately (`TaskBatchNorm`: what vmap's batch-norm
   rule computes, without its copies -- the same memory per task as the per-task form, and faster);
   any other trunk runs under `torch.func.vmap` over tasks of `functional_call(trunk, params, x)`
-  (`config.extra["trunk_batching"] = "vmap"` forces that). An explicit `trunk=` runs through the
-  model's own forward (`ModelSplit.run_trunk`) task by task, its features stacked;
+  (`config.extra["trunk_batching"] = "vmap"` forces that). On CPU the trunk runs task by task, its
+  features stacked (`"tasks"`, what `"auto"`, the default, picks there): one big batch of C x N images
+  measured slower on a CPU than C batches of N (benchmarks/engine.py, README), while everything after
+  the trunk stays batched. An explicit `trunk=` runs through the model's own forward
+  (`ModelSplit.run_trunk`) task by task, its features stacked;
 - then the functional core (`mrml.functional`) with `batched=True`: g and f are the per-task losses
   under `torch.func.vmap` (one value per task), differentiated with ordinary autograd -- the per-task
   gradients are those of sum_c g_c, as g_c depends on y_c alone:
@@ -55,6 +58,7 @@ from torch.func import functional_call, vmap
 
 from .. import functional as fn
 from .. import pytree
+from ..errors import UsageError
 from ..data.base import Episode
 from ..models.split import Params, Stages
 from ..precision import amp_dtype, autocast
@@ -137,9 +141,10 @@ class BatchedTrunk:
 
     def __init__(self, trunk: nn.Module, amp: str | None = None, compile: bool = False,
                  backend: str | Callable = "inductor", mode: str | None = None, grouped: bool = True,
-                 run: Callable[[Any], Any] | None = None):
+                 run: Callable[[Any], Any] | None = None, by_task: str = "auto"):
         self.trunk = trunk
         self.run = run
+        self.by_task = by_task  # "tasks": always task by task; "auto": on CPU; anything else: never
         grouped = grouped and run is None
         self.amp = amp
         self.requested_compile = compile
@@ -157,9 +162,11 @@ class BatchedTrunk:
 
     def forward(self, params: Params, x: Any) -> torch.Tensor:
         with autocast(pytree.leaves(x)[0].device, self.amp):
-            if self.run is not None:
+            device = pytree.leaves(x)[0].device
+            if self.run is not None or self.by_task == "tasks" or (self.by_task == "auto" and device.type == "cpu"):
+                run = self.run if self.run is not None else self.trunk
                 tasks = range(pytree.leading_size(x))
-                return pytree.stack([self.run(pytree.tree_map(lambda t: t[c], x)) for c in tasks])
+                return pytree.stack([run(pytree.tree_map(lambda t: t[c], x)) for c in tasks])
             if self.grouped is not None and isinstance(x, torch.Tensor):  # nested inputs: vmap below
                 C, N = x.shape[:2]
                 flat_x = x.transpose(0, 1).reshape(N * C, *x.shape[2:])  # image-major
@@ -230,6 +237,11 @@ def chunks(episodes: list[Episode], size: int) -> list[list[int]]:
     return out
 
 
+#: how the task-batched path runs the trunk (`config.extra["trunk_batching"]`): "auto" (task by task on
+#: CPU, one grouped batch elsewhere), "grouped", "vmap", "tasks"
+TRUNK_BATCHING = ("auto", "grouped", "vmap", "tasks")
+
+
 class TaskBatched:
     """Runs `MRML.meta_gradient` chunk by chunk (held by the algorithm; see the module docstring)."""
 
@@ -237,15 +249,18 @@ class TaskBatched:
         self.algo = algo
         self.signature = self.settings(algo.config)
         amp, compile, backend, mode, batching = self.signature
+        if batching not in TRUNK_BATCHING:
+            raise UsageError(f"config.extra['trunk_batching'] must be one of {', '.join(TRUNK_BATCHING)} "
+                             f"(got {batching!r})")
         self.trunk = BatchedTrunk(algo.split.trunk, amp, compile, backend=backend, mode=mode,
-                                  grouped=batching != "vmap", run=algo.split.run_trunk)
+                                  grouped=batching in ("auto", "grouped"), run=algo.split.run_trunk, by_task=batching)
         self.warned = False
 
     @staticmethod
     def settings(cfg: AlgoConfig) -> tuple:
         """What the runner is built from: amp, compile, compile backend and mode, trunk batching."""
         return (cfg.amp, cfg.compile, cfg.extra.get("compile_backend", "inductor"), cfg.extra.get("compile_mode"),
-                cfg.extra.get("trunk_batching", "grouped"))
+                cfg.extra.get("trunk_batching", "auto"))
 
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
                       scale: float | None = None, chunk: int | None = None, accumulate: bool = False,
