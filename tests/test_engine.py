@@ -115,3 +115,25 @@ def test_the_guard_halves_some_tasks_step_in_the_gd_form_test(tiny):
     _, algo = make(inner_solver="gd", implicit="damped", learn_l2=False, inner_steps=8, inner_lr=3.5, l2=0.05)
     lrs = {algo.meta_gradient([ep]).extra["inner_lr"] for ep in uneven_episodes(tiny, 5)}
     assert len(lrs) >= 2, lrs
+
+
+def test_trunk_task_by_task_on_cpu_equals_one_grouped_batch(tiny):
+    """`trunk_batching` "auto" (task by task on CPU, the default) and "grouped" (one image-major batch with
+    task-wise batch norm, the GPU default) give the same hypergradient."""
+    eps = uneven_episodes(tiny, 4)
+    grads = []
+    for mode in ("auto", "grouped", "tasks"):
+        model, algo = make(task_chunk=4, extra={"trunk_batching": mode})
+        algo.meta_gradient(eps)
+        grads.append(outer_grads(model, algo))
+    for g in grads[1:]:
+        assert float((g - grads[0]).norm()) <= 1e-10 * float(grads[0].norm())
+
+
+def test_unknown_trunk_batching_is_one_line(tiny):
+    from mrml.errors import UsageError
+
+    _, algo = make(task_chunk=2, extra={"trunk_batching": "groupd"})
+    with pytest.raises(UsageError, match="trunk_batching.*auto, grouped, vmap, tasks") as err:
+        algo.meta_gradient(uneven_episodes(tiny, 2))
+    assert "\n" not in str(err.value)
