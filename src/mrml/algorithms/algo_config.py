@@ -98,8 +98,8 @@ class AlgoConfig:
     plain_inner: bool = setting(False, "plain inner gradient descent: no divergence guard (the paper's loop; no "
                                        "per-step GPU sync)")
     # -- speed (mrml; see mrml.algorithms.batched) ---------------------------------------------
-    task_chunk: int = setting(1, "tasks per batched (vmap) pass of mrml; 1 (default): one at a time (best on CPU)",
-                              range=ints(1, 10**5))
+    task_chunk: int = setting(1, "tasks per batched pass of mrml (every form); 1 (default): one at a time "
+                                 "(least memory; on CPU chunks gain little)", range=ints(1, 10**5))
     amp: str | None = setting(None, "mixed precision for the backbone: bf16 or fp16 (CUDA; bf16 also on CPU; CG "
                                     "stays float32)", choices=AMP_KINDS)
     compile: bool = setting(False, "torch.compile the backbone (falls back to eager with a warning where it cannot)")

@@ -12,7 +12,9 @@ Per chunk of C episodes of equal shapes (stacked along a new leading task dimens
   measured slower on a CPU than C batches of N (benchmarks/engine.py, README), while everything after
   the trunk stays batched. An explicit `trunk=` runs through the model's own forward
   (`ModelSplit.run_trunk`) task by task, its features stacked;
-- then the functional core (`mrml.functional`) with `batched=True`: g and f are the per-task losses
+- the default form (a linear head solved by Newton, `MRML.exact_head`) then goes to
+  `exact_head.head_step` on the chunk: the per-task loop's own code, with T = C tasks instead of 1;
+- any other form goes through the functional core (`mrml.functional`) with `batched=True`: g and f are the per-task losses
   under `torch.func.vmap` (one value per task), differentiated with ordinary autograd -- the per-task
   gradients are those of sum_c g_c, as g_c depends on y_c alone:
   - inner loop `solve_inner`: K steps on the detached features, the per-task inner variables stacked
@@ -33,9 +35,9 @@ chunks of `task_chunk`, possibly 1). A model whose batch norm updates running st
 falls back to the per-task loop with a warning (per-task updates of shared buffers cannot be batched).
 
 The hypergradient and the statistics equal the per-task form's up to rounding. `task_chunk` C trades
-memory for speed: the trunk's activations of C tasks are alive at once. On CPU one big batch is
-usually not faster than tasks one at a time (the per-task loop is the default there); chunking is for
-GPUs, where the per-task loop is bound by kernel launches of tiny inner-loop operations.
+memory for speed: the trunk's activations of C tasks are alive at once. On CPU chunks gain little (the
+trunk runs task by task there, see above; the per-task loop stays the default); chunking is for GPUs,
+where the per-task loop is bound by kernel launches of tiny inner-loop operations.
 
 `AlgoConfig.amp` autocasts the trunk forward (`mrml.precision`); `AlgoConfig.compile` compiles the
 batched trunk with `torch.compile` (backend `config.extra["compile_backend"]`, default "inductor";
