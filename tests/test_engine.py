@@ -137,3 +137,17 @@ def test_unknown_trunk_batching_is_one_line(tiny):
     with pytest.raises(UsageError, match="trunk_batching.*auto, grouped, vmap, tasks") as err:
         algo.meta_gradient(uneven_episodes(tiny, 2))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("implicit", ["cg", "damped"])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_sync_budget_exact_head_with_cg_systems_and_learned_lambda(tiny, implicit, chunk):
+    """The exact head with CG or the damped system (and a learned lambda): CG's host checks start at the
+    last solve's count, the damping shift stays a tensor."""
+    _, algo = make(torch.float32, task_chunk=chunk, implicit=implicit, learn_l2=True)
+    eps = [tiny.episode("train", 3, 1, 2, episode_rng(0, "train", i)) for i in range(8)]
+    algo.meta_gradient(eps)
+    with count_host_syncs(where=True) as counter:
+        algo.meta_gradient(eps)
+    budget = PER_CHUNK * (-(-8 // chunk)) + PER_STEP
+    assert counter.total <= budget, (counter.total, budget, counter.by_site.most_common(8))

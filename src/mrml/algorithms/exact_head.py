@@ -92,6 +92,13 @@ def solve_head(algo: "MetaAlgorithm", feats: torch.Tensor, labels: torch.Tensor,
     return algo.head.params(w[0]), info.host()
 
 
+def damping_shift(lr: torch.Tensor | float, steps: int, lam: torch.Tensor | float) -> torch.Tensor | float:
+    """The damped system's shift max(0, 1/(lr K) - lambda), without a host read: tensors (a learned lambda,
+    a guarded step size) give a tensor."""
+    shift = 1.0 / (lr * max(steps, 1)) - lam
+    return shift.clamp_min(0.0) if isinstance(shift, torch.Tensor) else max(0.0, shift)
+
+
 def implicit_solution(algo: "MRML", problem: HeadProblem, w: torch.Tensor, b: torch.Tensor,
                       v0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """V ~ H^{-1} B per task by `config.implicit`; returns (V, iterations, relative residual, bad) per task."""
@@ -102,9 +109,9 @@ def implicit_solution(algo: "MRML", problem: HeadProblem, w: torch.Tensor, b: to
         zero = torch.zeros(t, dtype=torch.long, device=w.device)
         return v, zero, resid, zero.bool()
     a = problem.weights(w)
-    shift = 0.0
+    shift: torch.Tensor | float = 0.0
     if cfg.implicit == "damped":  # the ridge proxy of stopping after K steps (see mrml.py)
-        shift = max(0.0, 1.0 / (algo.last_inner_lr * max(cfg.inner_steps, 1)) - algo.l2)
+        shift = damping_shift(algo.last_inner_lr, cfg.inner_steps, algo.l2_value())
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         vm = v.reshape(w.shape)
@@ -114,7 +121,8 @@ def implicit_solution(algo: "MRML", problem: HeadProblem, w: torch.Tensor, b: to
         v, info = neumann_series(matvec, b.reshape(t, -1), algo.last_inner_lr, cfg.inner_steps)
     else:
         x0 = v0.reshape(t, -1) if v0 is not None else None
-        v, info = conjugate_gradient(matvec, b.reshape(t, -1), cfg.cg_steps, cfg.cg_tol, x0=x0)
+        v, info = conjugate_gradient(matvec, b.reshape(t, -1), cfg.cg_steps, cfg.cg_tol, x0=x0,
+                                     hint=getattr(algo, "cg_hint", None))
     rows = info.rows
     return v.reshape(w.shape), rows["iterations"], rows["residual"], rows["bad"]
 
@@ -159,7 +167,9 @@ def step_records(algo: "MRML", step: HeadStep, qy: torch.Tensor) -> list[tuple[f
         extra_rows.append(algo.log_l2.detach().exp().to(step.table.dtype).expand(step.table.shape[1]))
     rows = torch.cat([step.table, *(r.unsqueeze(0) for r in extra_rows)]).tolist()  # the one host read
     k = len(STAT_KEYS)
-    algo.newton_hint = int(max(rows[STAT_KEYS.index("inner_iterations")]))  # where the next solve checks first
+    algo.newton_hint = int(max(rows[STAT_KEYS.index("inner_iterations")]))  # where the next solves check first
+    if algo.config.implicit in ("cg", "damped"):
+        algo.cg_hint = int(max(rows[STAT_KEYS.index("cg_iterations")]))
     out = []
     for i in range(step.table.shape[1]):
         extra = {key: float(rows[j][i]) for j, key in enumerate(STAT_KEYS) if key != "loss"}

@@ -54,7 +54,8 @@ from ..models.split import Params
 from ..pytree import detach
 from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, host_floats
 from .batched import batched_meta_gradient
-from .exact_head import centre_matrix, detached_l2, head_problem, head_step, implicit_solution, step_records
+from .exact_head import (centre_matrix, damping_shift, detached_l2, head_problem, head_step, implicit_solution,
+                         step_records)
 from .guards import all_finite
 
 
@@ -178,7 +179,7 @@ class MRML(MetaAlgorithm):
             return self.head.to_flat(v[0]), info
         hvp = fn.hessian_vector_product(self.inner_objective, xa, y, (fs, ys, centre, None))
         lr, k = self.last_inner_lr, cfg.inner_steps
-        damping = max(0.0, 1.0 / (lr * max(k, 1)) - self.l2) if cfg.implicit == "damped" else None
+        damping = damping_shift(lr, k, self.l2_value()) if cfg.implicit == "damped" else None
         return fn.implicit_solve(hvp, rhs, implicit=cfg.implicit, cg_steps=cfg.cg_steps, cg_tol=cfg.cg_tol, v0=v0,
                                  cg_hint=self.cg_hint,
                                  damping=damping, lr=lr, steps=k)
