@@ -300,3 +300,38 @@ def test_data_check_refuses_fifos_named_like_the_cifar_fs_pickles(tmp_path, caps
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert_one_line_error(capsys, code, "is a named pipe (FIFO), not a data file")
+
+
+def test_switch_given_twice_is_refused(tmp_path, capsys):
+    assert_one_line_error(capsys, train(tmp_path / "r", "--learn-l2", "--learn-l2", "--iterations", "0"),
+                          "--learn-l2 given twice")
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_config_file_with_a_repeated_key_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"iterations": 3, "iterations": 4}')
+    assert_one_line_error(capsys, train(tmp_path / "r", "--config", str(cfg)), "gives 'iterations' twice (3, then 4)")
+
+
+def test_resume_of_a_run_still_going_says_it_is_in_use(tmp_path, capsys):
+    """A run that holds its lock and has no checkpoint yet is running, not stopped: no advice to start it afresh."""
+    from mrml.runlock import RunLock
+
+    out = tmp_path / "live"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    lock = RunLock(out).acquire()
+    try:
+        pid = __import__("os").getpid()
+        import subprocess, sys  # another process asks, as a second `mrml eval` would
+        code = ("import sys; from mrml.checkpoint import load_checkpoint\n"
+                "try:\n    load_checkpoint(sys.argv[1])\nexcept Exception as e:\n    print(e)")
+        said = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True).stdout
+        assert f"its run is still going (pid {pid})" in said and "afresh" not in said, said
+    finally:
+        lock.release()
+    from mrml.checkpoint import load_checkpoint
+    from mrml.errors import UsageError as UE
+    with pytest.raises(UE, match="stopped before its first checkpoint"):  # released: now it is a stopped run
+        load_checkpoint(out)

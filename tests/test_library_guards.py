@@ -382,3 +382,14 @@ def test_direct_solve_with_nan_rhs_is_not_converged():
     rhs = torch.full((sum(t.numel() for t in y.values()),), NAN, dtype=torch.float64)
     _, info = algo.solve({}, y, fs, torch.arange(WAYS).repeat(2), rhs, None)
     assert not info.converged and math.isnan(info.residual)
+
+
+@pytest.mark.parametrize("name", ["mrml", "maml"])
+def test_float64_model_given_float32_episode_is_one_line(name):
+    algo, m = learner(name)  # float64
+    with pytest.raises(UsageError, match=r"support_x is torch.float32 but the model's parameters are torch.float64") as e:
+        algo.meta_gradient([episode(0, torch.float32)])
+    one_line(e)
+    with pytest.raises(UsageError, match="cast one to the other") as e:
+        algo.evaluate(episode(0, torch.float32))
+    one_line(e)

@@ -150,6 +150,12 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a folder: pass the --out folder of an mrml train run")
     if not path.is_file():
+        from .runlock import holder
+
+        pid = holder(run_dir)
+        if pid is not None:  # alive, not stopped: it has not reached its first checkpoint yet
+            raise UsageError(f"no checkpoint.pt in {run_dir} yet: its run is still going (pid {pid}) and writes one "
+                             "every --checkpoint-every iterations and at its end; wait for it")
         if (run_dir / "config.json").is_file():  # killed before its first checkpoint, or the file went
             raise UsageError(f"no checkpoint.pt in {run_dir}: its run stopped before its first checkpoint (or the file "
                              f"was removed), so there is nothing to continue or load; start it afresh with "

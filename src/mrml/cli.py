@@ -26,11 +26,28 @@ class _StoreOnce(argparse._StoreAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+def _switch_once(base: type) -> type:
+    """argparse's `store_true`/`store_false`, refusing a switch given twice (`--learn-l2 --learn-l2`)."""
+
+    class Once(base):  # type: ignore[misc, valid-type]
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                     option_string: str | None = None) -> None:
+            given = namespace.__dict__.setdefault("_given_once", {})
+            if option_string is not None and self.dest in given:
+                parser.error(f"{option_string} given twice: give it once")
+            given[self.dest] = option_string
+            super().__call__(parser, namespace, values, option_string)
+
+    return Once
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.register("action", None, _StoreOnce)  # every single-valued option: once
+        self.register("action", None, _StoreOnce)  # every single-valued option and switch: once
         self.register("action", "store", _StoreOnce)
+        self.register("action", "store_true", _switch_once(argparse._StoreTrueAction))
+        self.register("action", "store_false", _switch_once(argparse._StoreFalseAction))
 
     def error(self, message: str) -> None:  # one line, exit 2
         raise UsageError(f"{message} (see `{self.prog} --help`)")

@@ -225,8 +225,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         The settings, without `out`.
     """
     p = Path(path)
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise UsageError(f"--config {path} gives {key!r} twice ({seen[key]!r}, then {value!r}): give it once")
+            seen[key] = value
+        return seen
+
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(), object_pairs_hook=unique)
+    except UsageError:
+        raise
     except OSError as e:
         raise UsageError(f"--config {path}: cannot read it ({e.strerror or e})") from None
     except ValueError as e:

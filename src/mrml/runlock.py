@@ -76,3 +76,24 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing drops the flock; the file stays (removing it would race a new holder)
             self.fd = None
+
+
+def holder(out: Path) -> str | None:
+    """The pid (as written) of another process holding `out`'s lock now, or None (free, absent, not a plain file,
+    or no flock here). Opens nothing for writing and follows no symlink."""
+    if fcntl is None:
+        return None
+    path = Path(out) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it (our shared lock goes with the close below)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            return None
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)

@@ -29,7 +29,7 @@ from ..models.split import ModelSplit, Params, split_model
 from ..solvers.head import HeadLayout
 from ..solvers.newton import InnerSolveInfo
 from .algo_config import IMPLICIT_SYSTEMS, INNER_SOLVERS, AlgoConfig  # noqa: F401 (re-exported)
-from .guards import FiniteWatch, check_episode, check_episodes
+from .guards import FiniteWatch, check_dtypes, check_episode, check_episodes
 from .exact_head import closed_form_head, solve_head
 from .losses import LOSS_KINDS, Loss, TaskLoss, make_loss
 
@@ -386,6 +386,7 @@ class MetaAlgorithm(abc.ABC):
         `.grad` zeroed unless `accumulate`; returns the per-task scale (1/len(episodes) unless given), the
         task ids (None each unless given) and the step's `FiniteWatch` (None unless `check_finite`)."""
         ids = check_episodes(episodes, task_ids)
+        check_dtypes(self, episodes)
         watch = FiniteWatch(self, episodes, ids, accumulate) if check_finite else None
         if not accumulate:
             self.zero_grad()
@@ -499,6 +500,7 @@ class MetaAlgorithm(abc.ABC):
             (1.26, 0.17, {})
         """
         check_episode(self, ep)
+        check_dtypes(self, [ep], "evaluate")
         pred = self.adapt(ep)
         return StepStats(float(self.loss(pred, ep.query_y)), self.loss.accuracy(pred, ep.query_y))
 

@@ -238,3 +238,20 @@ class FiniteWatch:
             if flag is not None and not bool(flag):
                 return (first_loss, [first_loss]) if first_loss in idx else (idx[0], idx)
         return first_loss, [first_loss]
+
+
+def check_dtypes(algo: "MetaAlgorithm", episodes: list[Any], what: str = "meta_gradient") -> None:
+    """One line when an episode's floating-point inputs and the model's parameters mix float64 with another
+    dtype (a float64 model given float32 images, or the reverse: PyTorch would fail deep inside the forward;
+    autocast does not cover float64). Types only, no device work."""
+    params = [p.dtype for p in algo.model.parameters() if p.is_floating_point()]
+    if not params:
+        return
+    model_dtype = params[0]
+    for i, ep in enumerate(episodes):
+        for part in ("support_x", "query_x"):
+            for leaf in pytree.leaves(getattr(ep, part)):
+                if (isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.dtype != model_dtype
+                        and torch.float64 in (leaf.dtype, model_dtype)):
+                    raise UsageError(f"{what}: episode {i}'s {part} is {leaf.dtype} but the model's parameters are "
+                                     f"{model_dtype}: cast one to the other, e.g. episode.to(device, {model_dtype})")
