@@ -234,8 +234,12 @@ class MetaAlgorithm(abc.ABC):
     # -- lambda ------------------------------------------------------------------------------------
     @property
     def l2(self) -> float:
-        """The inner-loss strength lambda in use (learned: exp of the outer variable log_l2)."""
-        return float(self.log_l2.detach().exp()) if self.log_l2 is not None else float(self.config.l2)
+        """The inner-loss strength lambda in use (learned: exp of the outer variable log_l2), read on the host."""
+        return float(self.l2_value())
+
+    def l2_value(self) -> torch.Tensor | float:
+        """lambda without graph: a 0-d tensor when learned (no host read), else the configured float."""
+        return self.log_l2.detach().exp() if self.log_l2 is not None else float(self.config.l2)
 
     def l2_attached(self) -> torch.Tensor | float:
         """lambda as the surrogate sees it: a tensor with gradient when learned, else a constant."""
@@ -248,10 +252,6 @@ class MetaAlgorithm(abc.ABC):
             self.log_l2.grad = None
 
     # -- losses --------------------------------------------------------------------------------
-    def l2_value(self) -> torch.Tensor | float:
-        """lambda without graph: a 0-d tensor when learned (no host read), else the configured float."""
-        return self.log_l2.detach().exp() if self.log_l2 is not None else float(self.config.l2)
-
     def regulariser(self, y: Params, centre: Params | None, lam: torch.Tensor | float | None = None) -> torch.Tensor:
         lam = self.l2_value() if lam is None else lam
         terms = [((v - centre[k]) if centre is not None else v).pow(2).sum() for k, v in y.items()]

@@ -75,17 +75,11 @@ def head_problem(algo: "MetaAlgorithm", feats: torch.Tensor, labels: torch.Tenso
                              default_fallback(feats.device))
 
 
-def detached_l2(algo: "MetaAlgorithm") -> torch.Tensor | float:
-    """lambda as the solves take it: a detached 0-d tensor when learned (no host read), else the float."""
-    lam = algo.l2_attached()
-    return lam.detach() if isinstance(lam, torch.Tensor) else lam
-
-
 def solve_head(algo: "MetaAlgorithm", feats: torch.Tensor, labels: torch.Tensor, y0: Params, centre: Params | None,
                max_iter: int) -> tuple[Params, InnerSolveInfo]:
     """One task's head solved exactly by `newton_heads` on T = 1 (test-time adaptation), from y0, without
     graph; its statistics read on the host in one read."""
-    problem = head_problem(algo, pytree.detach(feats).unsqueeze(0), labels.unsqueeze(0), detached_l2(algo),
+    problem = head_problem(algo, pytree.detach(feats).unsqueeze(0), labels.unsqueeze(0), algo.l2_value(),
                            None if centre is None else centre_matrix(algo, centre, 1).detach())
     w0 = algo.head.matrix({k: v.detach() for k, v in y0.items()}).unsqueeze(0)
     w, info = newton_heads(problem, w0, max_iter, algo.config.inner_tol)
@@ -122,7 +116,7 @@ def implicit_solution(algo: "MRML", problem: HeadProblem, w: torch.Tensor, b: to
     else:
         x0 = v0.reshape(t, -1) if v0 is not None else None
         v, info = conjugate_gradient(matvec, b.reshape(t, -1), cfg.cg_steps, cfg.cg_tol, x0=x0,
-                                     hint=getattr(algo, "cg_hint", None))
+                                     hint=algo.cg_hint)
     rows = info.rows
     return v.reshape(w.shape), rows["iterations"], rows["residual"], rows["bad"]
 
@@ -142,8 +136,8 @@ def head_step(algo: "MRML", fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor
     cfg, t = algo.config, fs.shape[0]
     algo.last_inner_lr = cfg.inner_lr  # Newton takes no step size; the damped/neumann systems read it
     lam = algo.l2_attached()
-    inner = head_problem(algo, fs.detach(), sy, detached_l2(algo), stacked_centre(algo, False, t))
-    w, info = newton_heads(inner, w0.detach(), cfg.inner_steps, cfg.inner_tol, hint=getattr(algo, "newton_hint", None))
+    inner = head_problem(algo, fs.detach(), sy, algo.l2_value(), stacked_centre(algo, False, t))
+    w, info = newton_heads(inner, w0.detach(), cfg.inner_steps, cfg.inner_tol, hint=algo.newton_hint)
     query = head_problem(algo, fq.detach(), qy, 0.0, None)
     b = query.data_value_grad(w)[1]
     v, cg_its, resid, bad = implicit_solution(algo, inner, w, b, v0)
@@ -164,7 +158,7 @@ def step_records(algo: "MRML", step: HeadStep, qy: torch.Tensor) -> list[tuple[f
     accs = algo.loss.accuracies(step.pred, qy)
     extra_rows = [] if accs is None else [accs.to(step.table.dtype)]
     if algo.log_l2 is not None:
-        extra_rows.append(algo.log_l2.detach().exp().to(step.table.dtype).expand(step.table.shape[1]))
+        extra_rows.append(torch.as_tensor(algo.l2_value()).to(step.table.dtype).expand(step.table.shape[1]))
     rows = torch.cat([step.table, *(r.unsqueeze(0) for r in extra_rows)]).tolist()  # the one host read
     k = len(STAT_KEYS)
     algo.newton_hint = int(max(rows[STAT_KEYS.index("inner_iterations")]))  # where the next solves check first

@@ -54,7 +54,7 @@ from ..models.split import Params
 from ..pytree import detach
 from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, host_floats
 from .batched import batched_meta_gradient
-from .exact_head import (centre_matrix, damping_shift, detached_l2, head_problem, head_step, implicit_solution,
+from .exact_head import (centre_matrix, damping_shift, head_problem, head_step, implicit_solution,
                          step_records)
 from .guards import all_finite
 
@@ -169,7 +169,7 @@ class MRML(MetaAlgorithm):
         """v for the surrogate by `config.implicit`, at y with x detached (see the module docstring)."""
         cfg = self.config
         if cfg.implicit == "direct":  # the closed-form solve of the default form (exact_head), T = 1
-            problem = head_problem(self, fs.unsqueeze(0), ys.unsqueeze(0), detached_l2(self),
+            problem = head_problem(self, fs.unsqueeze(0), ys.unsqueeze(0), self.l2_value(),
                                    centre_matrix(self, centre, 1))
             w = self.head.matrix(y)
             v, its, resid, bad = implicit_solution(self, problem, w.unsqueeze(0),
@@ -261,7 +261,7 @@ class MRML(MetaAlgorithm):
                  "inner_iterations": last.iterations, "inner_grad_norm": last.grad_norm,
                  "inner_capped": last.capped, "inner_stalled": last.stalled}
         if self.log_l2 is not None:
-            stats["l2"] = self.log_l2.detach().exp()
+            stats["l2"] = self.l2_value()
         accs = self.loss.accuracies(pred, ep.query_y)
         if accs is not None:
             stats["accuracy"] = accs
