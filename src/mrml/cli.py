@@ -14,40 +14,32 @@ from typing import Any, Callable, Sequence
 from .errors import Interrupted, NonFiniteError, UsageError
 
 
-class _StoreOnce(argparse._StoreAction):
-    """argparse's `store`, refusing an option given twice (`--resume A --resume B`: which one was meant?)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        given = namespace.__dict__.setdefault("_given_once", {})
-        if option_string is not None and self.dest in given:
-            parser.error(f"{option_string} given twice ({given[self.dest]!r}, then {values!r}): give it once")
-        given[self.dest] = values
-        super().__call__(parser, namespace, values, option_string)
-
-
-def _switch_once(base: type) -> type:
-    """argparse's `store_true`/`store_false`, refusing a switch given twice (`--learn-l2 --learn-l2`)."""
+def _once(base: type) -> type:
+    """argparse's `base` action (`store`, `store_true`, `store_false`), refusing an option or switch given
+    twice (`--resume A --resume B`, `--learn-l2 --learn-l2`: which one was meant?)."""
 
     class Once(base):  # type: ignore[misc, valid-type]
         def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                      option_string: str | None = None) -> None:
             given = namespace.__dict__.setdefault("_given_once", {})
             if option_string is not None and self.dest in given:
-                parser.error(f"{option_string} given twice: give it once")
-            given[self.dest] = option_string
+                both = f" ({given[self.dest]!r}, then {values!r})" if self.nargs != 0 else ""
+                parser.error(f"{option_string} given twice{both}: give it once")
+            given[self.dest] = values
             super().__call__(parser, namespace, values, option_string)
 
+    Once.__name__ = Once.__qualname__ = "_" + base.__name__.strip("_").replace("Action", "Once")  # _StoreOnce, ...
     return Once
 
 
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.register("action", None, _StoreOnce)  # every single-valued option and switch: once
-        self.register("action", "store", _StoreOnce)
-        self.register("action", "store_true", _switch_once(argparse._StoreTrueAction))
-        self.register("action", "store_false", _switch_once(argparse._StoreFalseAction))
+        store = _once(argparse._StoreAction)  # every single-valued option and switch: once
+        self.register("action", None, store)
+        self.register("action", "store", store)
+        self.register("action", "store_true", _once(argparse._StoreTrueAction))
+        self.register("action", "store_false", _once(argparse._StoreFalseAction))
 
     def error(self, message: str) -> None:  # one line, exit 2
         raise UsageError(f"{message} (see `{self.prog} --help`)")
