@@ -143,6 +143,19 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
+def load_tagged(path: Path, what: str, fmt: str, hint: str = "") -> dict[str, Any]:
+    """One of mrml's own files read with `torch.load(weights_only=True)` (tensors and plain data only): its
+    dict, or a one-line UsageError when it cannot be read or does not carry the format tag `fmt` (`what`
+    names the kind of file, `hint` is added to that message)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means the file is not ours
+        raise UsageError(f"{path} is not an mrml {what} (could not read it: {type(e).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise UsageError(f"{path} is not an mrml {what} (expected format {fmt}{hint})")
+    return data
+
+
 def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     """The checkpoint of run folder `run_dir`; one-line UsageError when missing, foreign or tampered with."""
     run_dir = Path(run_dir)
@@ -161,12 +174,7 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
                              f"was removed), so there is nothing to continue or load; start it afresh with "
                              f"`mrml train --config {run_dir / 'config.json'} --out NEW_FOLDER`")
         raise UsageError(f"no checkpoint.pt in {run_dir}: pass the --out folder of an mrml train run")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read means the file is not ours
-        raise UsageError(f"{path} is not an mrml checkpoint (could not read it: {type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UsageError(f"{path} is not an mrml checkpoint (expected format {FORMAT})")
+    state = load_tagged(path, "checkpoint", FORMAT)
     for key, types in REQUIRED.items():
         value = state.get(key)
         if not isinstance(value, types) or isinstance(value, bool):

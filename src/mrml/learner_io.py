@@ -17,7 +17,7 @@ from torch import nn
 
 from .algorithms import ALGORITHMS, AlgoConfig, MetaAlgorithm
 from .algorithms.losses import TaskLoss
-from .checkpoint import atomic_write, write_error
+from .checkpoint import atomic_write, load_tagged, write_error
 from .errors import UsageError
 
 FORMAT = "mrml-learner-v1"
@@ -109,13 +109,7 @@ def save_learner(learner: MetaAlgorithm, path: str | Path) -> None:
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"no file {path}: pass a file written by mrml.save_learner")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read means the file is not ours
-        raise UsageError(f"{path} is not an mrml learner file (could not read it: {type(e).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UsageError(f"{path} is not an mrml learner file (expected format {FORMAT}; a run folder loads with "
-                         "mrml.load_run)")
+    payload = load_tagged(path, "learner file", FORMAT, "; a run folder loads with mrml.load_run")
     types = {"algorithm": str, "config": dict, "model": dict, "state": dict, "model_class": str}
     for key, kind in types.items():
         if not isinstance(payload.get(key), kind):
