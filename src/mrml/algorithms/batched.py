@@ -65,6 +65,7 @@ from ..data.base import Episode
 from ..models.split import Params, Stages
 from ..precision import amp_dtype, autocast
 from .base import AlgoConfig, MetaAlgorithm, StepStats, detached, mean_stats
+from .exact_head import damping_shift
 
 if TYPE_CHECKING:  # pragma: no cover  (typing only: mrml.py imports this module, not the reverse)
     from .mrml import MRML
@@ -325,7 +326,7 @@ class TaskBatched:
         if cfg.implicit in ("damped", "neumann"):
             lr_rows = inner.rows["lr"].to(dtype).unsqueeze(1)
             if cfg.implicit == "damped":
-                damping = (1.0 / (lr_rows * max(cfg.inner_steps, 1)) - algo.l2_value()).clamp_min(0.0)
+                damping = damping_shift(lr_rows, cfg.inner_steps, algo.l2_value())
         surrogate, info = fn.hypergradient(g, f, xa, y, inner_batch=(fs, sy, algo.centre(True), algo.l2_attached()),
                                            outer_batch=(fq, qy), implicit=cfg.implicit, damping=damping, lr=lr_rows,
                                            steps=cfg.inner_steps, cg_steps=cfg.cg_steps, cg_tol=cfg.cg_tol, v0=v0,
