@@ -27,6 +27,7 @@ import torch
 
 from . import distributed, interrupts
 from .algorithms import MetaAlgorithm, build_algorithm
+from .algorithms.guards import all_finite
 from .checkpoint import (RUN_FILES, append_bytes, atomic_json, atomic_write, load_checkpoint, remove_stale_temps,
                          save_checkpoint, strict_dumps)
 from .config import RunConfig
@@ -274,7 +275,9 @@ def likely_cause(cfg: RunConfig, what: str, solver: str | None = "gd") -> str:
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+    """`guards.all_finite`, read on the host (True for no tensors)."""
+    flag = all_finite(tensors)
+    return True if flag is None else bool(flag)
 
 
 def _train_loop(run: Run, ctx: distributed.DistContext, out: Path, state: dict[str, Any] | None, progress: bool,
