@@ -393,3 +393,26 @@ def test_float64_model_given_float32_episode_is_one_line(name):
     with pytest.raises(UsageError, match="cast one to the other") as e:
         algo.evaluate(episode(0, torch.float32))
     one_line(e)
+
+
+def test_a_finite_gradient_whose_sum_overflows_passes_and_an_infinite_one_does_not():
+    """The per-task screen sums each gradient; a sum that overflows on finite values is told apart."""
+    from mrml.algorithms.base import StepStats
+    from mrml.algorithms.guards import FiniteWatch
+
+    algo, m = learner("anil", torch.float32)
+    ep = episode(0, torch.float32)
+    for bad in (False, True):
+        watch = FiniteWatch(algo, [ep], [None], accumulate=False)
+        for p in algo.outer_parameters():
+            p.grad = torch.full_like(p, 3e38)
+        if bad:
+            m[0].weight.grad[0, 0] = float("inf")
+        watch.done([0])
+        assert not bool(watch.groups[0][1])  # the screen fails either way
+        if not bad:
+            watch.check([StepStats(1.0, None, {})])  # finite after all: no error, .grad kept
+            assert all(g is not None for g in grads(m))
+        else:
+            with pytest.raises(NonFiniteError, match="non-finite meta-gradient on episode 0 of 1"):
+                watch.check([StepStats(1.0, None, {})])

@@ -170,6 +170,17 @@ def all_finite(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.stack([torch.isfinite(t).all().to(dev) for t in ts]).all()
 
 
+def sums_finite(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """0-dim bool tensor (no sync): every given tensor's sum is finite -- a screen for `all_finite` in one
+    reduction per tensor (a NaN or infinity makes the sum non-finite; finite values only when the sum
+    overflows, which `FiniteWatch.check` tells apart); None when none is given."""
+    ts = [t for t in tensors if t is not None]
+    if not ts:
+        return None
+    dev = ts[0].device
+    return torch.isfinite(torch.stack([t.sum().to(dev) for t in ts])).all()
+
+
 class FiniteWatch:
     """Guards one `meta_gradient` call with one host synchronisation: after each task (or chunk of tasks)
     `done` records, as a tensor, whether `.grad` is still finite; `check` reads every flag at once, with the
@@ -192,7 +203,7 @@ class FiniteWatch:
 
     def done(self, idx: list[int], rows: torch.Tensor | None = None) -> None:
         """Tasks `idx` have added their gradient; `rows`: optional (len(idx),) bool, per task finite."""
-        self.groups.append((idx, all_finite([p.grad for p in self.params]), rows))
+        self.groups.append((idx, sums_finite([p.grad for p in self.params]), rows))
 
     def check(self, per_task: list["StepStats"]) -> None:
         """Raise (see the class) unless every loss, gradient and support set is as it should be."""
@@ -201,6 +212,8 @@ class FiniteWatch:
                  if f is not None]
         flags += self.classes
         if not bad_loss and (not flags or bool(torch.stack([f.to(flags[0].device).all() for f in flags]).all())):
+            return
+        if not bad_loss and self.screen_overflowed():
             return
         self.algo.zero_grad()
         for i, (ep, tid) in enumerate(zip(self.episodes, self.ids)):
@@ -222,6 +235,15 @@ class FiniteWatch:
         raise NonFiniteError(f"{self.what()}non-finite {kind} on {which} of {n}, whose inputs are finite: the inner "
                              "solve or the hypergradient diverged (lower inner_lr or the outer step size, raise "
                              "l2); .grad is cleared")
+
+    def screen_overflowed(self) -> bool:
+        """Whether only the gradient screens failed and `.grad` is finite after all (a sum overflowed):
+        once NaN or infinite, a gradient stays so however much is added to it."""
+        others = [f for f in [self.prior, *(g[2] for g in self.groups), *self.classes] if f is not None]
+        if others and not bool(torch.stack([f.to(others[0].device).all() for f in others]).all()):
+            return False
+        flag = all_finite([p.grad for p in self.params])
+        return flag is None or bool(flag)
 
     def what(self) -> str:
         return f"{self.algo.name} meta_gradient: "
