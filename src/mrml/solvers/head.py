@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,17 @@ def solve_costs(kind: str, n: int, c: int, p1: int, fallback: str = "lu") -> dic
     return costs
 
 
+class HeadPoint(NamedTuple):
+    """g at one W per task, with what Newton reuses: value (T,), gradient (T, C, d+1), logits (T, n, C),
+    probabilities (T, n, C; None for regression), ||W - W0||^2 (T,; None without a ridge term)."""
+
+    value: torch.Tensor
+    grad: torch.Tensor
+    z: torch.Tensor
+    p: torch.Tensor | None
+    sq: torch.Tensor | None
+
+
 @dataclass
 class HeadProblem:
     """T stacked linear-head inner losses; every method reduces per task (leading dim T)."""
@@ -120,6 +132,8 @@ class HeadProblem:
     centre: torch.Tensor | None = None  # W0: (T, C, d+1) (None: 0)
     fallback: str = "lu"  # see spd_solve
     _kernel: torch.Tensor | None = field(default=None, init=False, repr=False)  # F~ F~', on first dual solve
+    _forms: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # `form`'s choice per C
+    _shifts: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # lam I per size
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -155,6 +169,13 @@ class HeadProblem:
             return self.lam.reshape(-1, *([1] * k))
         return self.lam
 
+    def _shift(self, k: int) -> torch.Tensor:
+        """lam I_k per task, (T or 1, k, k), made once per size."""
+        if k not in self._shifts:
+            eye = torch.eye(k, dtype=self.feats.dtype, device=self.feats.device)
+            self._shifts[k] = self._lam(2) * eye if isinstance(self.lam, torch.Tensor) else eye * self.lam
+        return self._shifts[k]
+
     def _ridge(self) -> bool:
         return isinstance(self.lam, torch.Tensor) or self.lam != 0
 
@@ -163,7 +184,7 @@ class HeadProblem:
 
     def logits(self, w: torch.Tensor) -> torch.Tensor:
         """F~ W' per task: (T, n, C)."""
-        return self.feats @ w.transpose(1, 2)
+        return torch.bmm(self.feats, w.transpose(1, 2)) if w.dim() == 3 else self.feats @ w.transpose(-1, -2)
 
     # -- loss and gradient --------------------------------------------------------------------------
     def _data(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,10 +221,33 @@ class HeadProblem:
             grad = grad + self._lam(2) * dw
         return value, grad
 
-    def values_along(self, w: torch.Tensor, d: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    def point(self, w: torch.Tensor) -> HeadPoint:
+        """g, its gradient and what Newton reuses at W: the logits, the probabilities (classification),
+        ||W - W0||^2 -- one log-softmax for the value and the gradient."""
+        z = self.logits(w)
+        t, n, c = z.shape
+        if self.kind == "classification":
+            lsm = torch.log_softmax(z, dim=2)
+            idx = self.targets.unsqueeze(2)
+            value = -lsm.gather(2, idx).squeeze(2).mean(1)
+            p = lsm.exp()
+            resid = p.scatter_add(2, idx, z.new_full(idx.shape, -1.0)) / n
+        else:
+            diff, p = z - self.targets, None
+            value, resid = diff.pow(2).mean((1, 2)), 2.0 * diff / (n * c)
+        grad, sq = torch.bmm(resid.transpose(1, 2), self.feats), None
+        if self._ridge():
+            dw = self._dw(w)
+            sq = dw.pow(2).sum((1, 2))
+            value = value + 0.5 * self._lam(0) * sq
+            grad = grad + self._lam(2) * dw
+        return HeadPoint(value, grad, z, p, sq)
+
+    def values_along(self, w: torch.Tensor, d: torch.Tensor, ts: torch.Tensor, at: HeadPoint | None = None) -> torch.Tensor:
         """g_t(W - s D) for every task and every s in `ts` (m,): (T, m), from one pass over the logits
-        z(s) = z(W) - s F~ D' and the ridge term quadratic in s."""
-        z = self.logits(w).unsqueeze(1) - ts[None, :, None, None] * self.logits(d).unsqueeze(1)  # (T, m, n, C)
+        z(s) = z(W) - s F~ D' and the ridge term quadratic in s; `at` = point(W) if known."""
+        zw = self.logits(w) if at is None else at.z
+        z = zw.unsqueeze(1) - ts[None, :, None, None] * self.logits(d).unsqueeze(1)  # (T, m, n, C)
         if self.kind == "classification":
             idx = self.targets[:, None, :, None].expand(-1, z.shape[1], -1, 1)
             value = (torch.logsumexp(z, dim=3) - z.gather(3, idx).squeeze(3)).mean(2)
@@ -211,8 +255,9 @@ class HeadProblem:
             value = (z - self.targets.unsqueeze(1)).pow(2).mean((2, 3))
         if self._ridge():
             dw = self._dw(w)
-            a0, a1, a2 = dw.pow(2).sum((1, 2)), (dw * d).sum((1, 2)), d.pow(2).sum((1, 2))
-            quad = a0[:, None] - 2 * ts * a1[:, None] + ts * ts * a2[:, None]
+            a0 = dw.pow(2).sum((1, 2)) if at is None or at.sq is None else at.sq
+            a1, a2 = (dw * d).sum((1, 2)), d.pow(2).sum((1, 2))
+            quad = a0[:, None] - ts * (2 * a1[:, None] - ts * a2[:, None])
             value = value + 0.5 * self._lam(1) * quad
         return value
 
@@ -228,11 +273,12 @@ class HeadProblem:
         return data + self._lam(0) * (self._dw(w) * v).sum((1, 2))
 
     # -- curvature ----------------------------------------------------------------------------------
-    def weights(self, w: torch.Tensor) -> torch.Tensor:
-        """A_i per task (T, n, C, C): the curvature of the loss in the logits, scaled by the mean."""
+    def weights(self, w: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+        """A_i per task (T, n, C, C): the curvature of the loss in the logits, scaled by the mean; `p`
+        = the probabilities at W if known (classification)."""
         t, n, c = w.shape[0], self.feats.shape[1], w.shape[1]
         if self.kind == "classification":
-            p = torch.softmax(self.logits(w), dim=2)
+            p = torch.softmax(self.logits(w), dim=2) if p is None else p
             return (torch.diag_embed(p) - p.unsqueeze(3) * p.unsqueeze(2)) / n
         return (2.0 / (n * c) * torch.eye(c, dtype=w.dtype, device=w.device)).expand(t, n, c, c)
 
@@ -244,40 +290,42 @@ class HeadProblem:
 
     def form(self, c: int) -> str:
         """The form `solve` picks for C classes: the cheapest by `solve_costs`."""
-        costs = solve_costs(self.kind, self.feats.shape[1], c, self.feats.shape[2], self.fallback)
-        return min(costs, key=costs.get)
+        if c not in self._forms:
+            costs = solve_costs(self.kind, self.feats.shape[1], c, self.feats.shape[2], self.fallback)
+            self._forms[c] = min(costs, key=costs.get)
+        return self._forms[c]
 
-    def solve(self, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor | None = None, form: str | None = None) -> torch.Tensor:
-        """H^{-1} B per task at W (B: T x C x (d+1)) by `form` (None: the cheapest); `a` = weights(w)."""
+    def solve(self, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor | None = None, form: str | None = None,
+              p: torch.Tensor | None = None) -> torch.Tensor:
+        """H^{-1} B per task at W (B: T x C x (d+1)) by `form` (None: the cheapest); `a` = weights(w), `p`
+        = the probabilities at W (classification), if known."""
         if b.shape != w.shape:
             raise UsageError(f"HeadProblem.solve takes B shaped like W {tuple(w.shape)}, got {tuple(b.shape)}")
         form = self.form(w.shape[1]) if form is None else form
         if form == "woodbury":
-            return self._woodbury(w, b)
+            return self._woodbury(w, b, p)
         if form not in FORMS:
             raise UsageError(f"HeadProblem.solve form must be one of {FORMS} or None, got {form!r}")
-        a = self.weights(w) if a is None else a
+        a = self.weights(w, p) if a is None else a
         t, n, p1 = self.feats.shape
         c = w.shape[1]
         if form == "dual":  # (lam I + K A) z = J B over (n, C)
             if self._kernel is None:
-                self._kernel = self.feats @ self.feats.transpose(1, 2)
-            s = torch.einsum("tij,tjcd->ticjd", self._kernel, a).reshape(t, n * c, n * c)
-            s = s + self._lam(2) * torch.eye(n * c, dtype=s.dtype, device=s.device)
-            z = torch.linalg.solve_ex(s, self.logits(b).reshape(t, n * c, 1))[0].reshape(t, n, c)
-            mz = torch.einsum("tncd,tnd->tnc", a, z)
-            return (b - mz.transpose(1, 2) @ self.feats) / self._lam(2)
+                self._kernel = torch.bmm(self.feats, self.feats.transpose(1, 2))
+            s = (self._kernel[:, :, None, :, None] * a.permute(0, 2, 1, 3).unsqueeze(1)).reshape(t, n * c, n * c)
+            z = torch.linalg.solve_ex(s + self._shift(n * c), self.logits(b).reshape(t, n * c, 1))[0].reshape(t, n, c)
+            mz = torch.bmm(a.reshape(t * n, c, c), z.reshape(t * n, c, 1)).reshape(t, n, c)
+            return (b - torch.bmm(mz.transpose(1, 2), self.feats)) / self._lam(2)
         h = torch.einsum("tncd,tna,tnb->tcadb", a, self.feats, self.feats).reshape(t, c * p1, c * p1)
-        h = h + self._lam(2) * torch.eye(c * p1, dtype=h.dtype, device=h.device)
-        return spd_solve(h, b.reshape(t, c * p1, 1), self.fallback).reshape(t, c, p1)
+        return spd_solve(h + self._shift(c * p1), b.reshape(t, c * p1, 1), self.fallback).reshape(t, c, p1)
 
-    def _woodbury(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _woodbury(self, w: torch.Tensor, b: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
         f, (t, n, p1), c = self.feats, self.feats.shape, w.shape[1]
         eye = torch.eye(p1, dtype=f.dtype, device=f.device)
         if self.kind == "regression":  # H = I_C (x) (2/(n C) F~'F~ + lam I)
             blk = 2.0 / (n * c) * (f.transpose(1, 2) @ f) + self._lam(2) * eye
             return spd_solve(blk, b.transpose(1, 2), self.fallback).transpose(1, 2)
-        p = torch.softmax(self.logits(w), dim=2)  # (T, n, C)
+        p = torch.softmax(self.logits(w), dim=2) if p is None else p  # (T, n, C)
         blocks = torch.einsum("tnc,tna,tnb->tcab", p / n, f, f) + self._lam(3) * eye  # B_c
         u = p.transpose(1, 2).unsqueeze(2) * f.transpose(1, 2).unsqueeze(1) / math.sqrt(n)  # (T, C, p1, n)
         sol = spd_solve(blocks, torch.cat([u, b.unsqueeze(3)], dim=3), self.fallback)
@@ -301,12 +349,12 @@ def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: flo
     0-d tensors (most iterations, largest norm, any task capped/stalled/at the floor), per task in `rows`."""
     f64 = torch.float64
     x = w0.detach()
-    g, grad = problem.value_grad(x)
-    gnorm = grad.norm(dim=(1, 2)).to(f64)
+    at = problem.point(x)
+    gnorm = at.grad.norm(dim=(1, 2)).to(f64)
     target = tol * gnorm.clamp_min(1.0)
     eps = 64.0 * torch.finfo(x.dtype).eps
     ts = 0.5 ** torch.arange(MAX_BACKTRACK, dtype=f64, device=x.device)
-    ts_x = ts.to(x.dtype)
+    ts_x, armijo = ts.to(x.dtype), ARMIJO * ts
     it = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     stalled, floor = torch.zeros_like(it, dtype=torch.bool), torch.zeros_like(it, dtype=torch.bool)
     active = (gnorm > target) & (max_iter > 0)
@@ -314,24 +362,25 @@ def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: flo
     for k in range(max_iter):
         if (k in checks if checks is not None else sync_every and k % sync_every == 0) and not bool(active.any()):
             break
-        d = problem.solve(x, grad, form=form)
+        grad = at.grad
+        d = problem.solve(x, grad, form=form, p=at.p)
         slope = (grad * d).sum((1, 2)).to(f64)
-        g64 = g.to(f64)
-        full = (slope > 0) & (slope <= 2 * eps * g64.abs().clamp_min(1.0))
-        use_grad = ~(slope > 0)
+        g64 = at.value.to(f64)
+        descent = slope > 0
+        full = descent & (slope <= 2 * eps * g64.abs().clamp_min(1.0))
+        use_grad = ~descent
         d = torch.where(use_grad[:, None, None], grad, d)
         slope = torch.where(use_grad, (grad * grad).sum((1, 2)).to(f64), slope)
-        ok = problem.values_along(x, d, ts_x).to(f64) <= g64[:, None] - ARMIJO * ts[None, :] * slope[:, None]
+        ok = problem.values_along(x, d, ts_x, at).to(f64) <= g64[:, None] - armijo * slope[:, None]
         step = torch.where(full, 1.0, ts_x[ok.to(torch.int32).argmax(1)])
         xn = x - step[:, None, None] * d
-        gn, gradn = problem.value_grad(xn)
-        nn = gradn.norm(dim=(1, 2)).to(f64)
+        new = problem.point(xn)
+        nn = new.grad.norm(dim=(1, 2)).to(f64)
         hit_floor = active & full & ~(nn <= 0.5 * gnorm)
         hit_stall = active & ~full & ~ok.any(1)
         accept = active & ~hit_floor & ~hit_stall
-        x = torch.where(accept[:, None, None], xn, x)
-        grad = torch.where(accept[:, None, None], gradn, grad)
-        g, gnorm = torch.where(accept, gn, g), torch.where(accept, nn, gnorm)
+        x, at = torch.where(accept[:, None, None], xn, x), new  # a task not accepted is done: only its W and
+        gnorm = torch.where(accept, nn, gnorm)  # ||d g|| are kept, the rest of `at` is never read for it again
         target = torch.where(hit_floor, gnorm, target)
         it, floor, stalled = it + accept.long(), floor | hit_floor, stalled | hit_stall
         active = accept & (gnorm > target) & (it < max_iter)
