@@ -214,12 +214,9 @@ class HeadProblem:
         return value, z
 
     def value_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        value, grad = self.data_value_grad(w)
-        if self._ridge():
-            dw = self._dw(w)
-            value = value + 0.5 * self._lam(0) * dw.pow(2).sum((1, 2))
-            grad = grad + self._lam(2) * dw
-        return value, grad
+        """g_t (T,) and d_W g_t (T, C, d+1) at W."""
+        at = self.point(w)
+        return at.value, at.grad
 
     def point(self, w: torch.Tensor) -> HeadPoint:
         """g, its gradient and what Newton reuses at W: the logits, the probabilities (classification),
