@@ -138,9 +138,10 @@ def head_step(algo: "MRML", fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor
     lam = algo.l2_attached()
     inner = head_problem(algo, fs.detach(), sy, algo.l2_value(), stacked_centre(algo, False, t))
     w, info = newton_heads(inner, w0.detach(), cfg.inner_steps, cfg.inner_tol, hint=algo.newton_hint)
-    query = head_problem(algo, fq.detach(), qy, 0.0, None)
-    b = query.data_value_grad(w)[1]
-    v, cg_its, resid, bad = implicit_solution(algo, inner, w, b, v0)
+    with torch.inference_mode():  # no graph: the query gradient and the system (v cloned out: a normal tensor)
+        b = head_problem(algo, fq.detach(), qy, 0.0, None).data_value_grad(w)[1]
+        v, cg_its, resid, bad = implicit_solution(algo, inner, w, b, v0)
+    v = v.clone()
 
     attached = head_problem(algo, fs, sy, lam, stacked_centre(algo, True, t))
     mixed = attached.grad_dot(w, v)

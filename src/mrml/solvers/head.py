@@ -285,6 +285,17 @@ class HeadProblem:
         mu = torch.einsum("tncd,tnd->tnc", a, self.logits(v))  # M J V
         return mu.transpose(1, 2) @ self.feats + self._lam(2) * v
 
+    def prepare(self, c: int, form: str | None = None) -> None:
+        """Make the caches that `solve` by `form` (None: the cheapest) for C classes reads: F~ F~' and lam I."""
+        form = self.form(c) if form is None else form
+        t, n, p1 = self.feats.shape
+        if form == "dual":
+            if self._kernel is None:
+                self._kernel = torch.bmm(self.feats, self.feats.transpose(1, 2))
+            self._shift(n * c)
+        elif form == "primal":
+            self._shift(c * p1)
+
     def form(self, c: int) -> str:
         """The form `solve` picks for C classes: the cheapest by `solve_costs`."""
         if c not in self._forms:
@@ -332,7 +343,6 @@ class HeadProblem:
         return y0 + torch.einsum("tcai,ti->tca", y, q)
 
 
-@torch.no_grad()
 def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: float, form: str | None = None,
                  sync_every: int = 1, hint: int | None = None) -> tuple[torch.Tensor, InnerSolveInfo]:
     """Minimise every task's g_t from W0 (T, C, d+1) by one masked Newton loop; per task the rule of
@@ -342,10 +352,22 @@ def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: flo
     Finished tasks keep their W. Host reads: one `active.any()` every `sync_every` iterations
     (0: none, always `max_iter` iterations); with `hint` (the iterations expected, e.g. the last
     step's most) at iterations hint, hint + 1, hint + 3, hint + 7, ... instead: one or two reads when
-    the hint is right, the iterations in between masked. Runs without graph. The record's summaries are
+    the hint is right, the iterations in between masked. Runs without graph (in inference mode, the
+    results cloned out of it: normal tensors). The record's summaries are
     0-d tensors (most iterations, largest norm, any task capped/stalled/at the floor), per task in `rows`."""
+    with torch.no_grad():
+        problem.prepare(w0.shape[1], form)  # its caches made here are normal tensors, usable later
+    with torch.inference_mode():
+        x, rows = _newton_loop(problem, w0.detach(), max_iter, tol, form, sync_every, hint)
+    x, rows = x.clone(), {k: v.clone() for k, v in rows.items()}
+    return x, InnerSolveInfo("newton", rows["iterations"].max(), rows["grad_norm"].max(), rows["capped"].any(),
+                             rows["stalled"].any(), rows=rows, floor=rows["floor"].any())
+
+
+def _newton_loop(problem: HeadProblem, x: torch.Tensor, max_iter: int, tol: float, form: str | None,
+                 sync_every: int, hint: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`newton_heads`' iterations: the solution and the per-task rows."""
     f64 = torch.float64
-    x = w0.detach()
     at = problem.point(x)
     gnorm = at.grad.norm(dim=(1, 2)).to(f64)
     target = tol * gnorm.clamp_min(1.0)
@@ -382,5 +404,4 @@ def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: flo
         it, floor, stalled = it + accept.long(), floor | hit_floor, stalled | hit_stall
         active = accept & (gnorm > target) & (it < max_iter)
     capped = (gnorm > target) & ~stalled
-    rows = {"iterations": it, "grad_norm": gnorm, "capped": capped, "stalled": stalled, "floor": floor}
-    return x, InnerSolveInfo("newton", it.max(), gnorm.max(), capped.any(), stalled.any(), rows=rows, floor=floor.any())
+    return x, {"iterations": it, "grad_norm": gnorm, "capped": capped, "stalled": stalled, "floor": floor}
