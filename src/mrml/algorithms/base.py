@@ -456,8 +456,10 @@ class MetaAlgorithm(abc.ABC):
         Args:
             ep: the task: the inner part adapts on its support set, and predicts its query inputs.
             adapt: head (the above), last-block or all (then that part fine-tuned on the support set by
-                Adam from the trained weights and the adapted inner part), or auto (per task, head or
-                last-block by cross-validation over the support shots): `mrml.algorithms.finetune`.
+                Adam from the trained weights and the adapted inner part; a part inside a user's
+                `trunk=` in a model without stages means the trunk runs in every step), or auto (per
+                task, head or last-block by cross-validation over the support shots):
+                `mrml.algorithms.finetune`.
             adapt_steps, adapt_lr, adapt_prox: the fine-tuning's Adam steps, step size and proximal
                 strength (None: `finetune.DEFAULT_ADAPT_*`); not with head.
 

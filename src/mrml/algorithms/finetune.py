@@ -86,7 +86,7 @@ def adapt_settings(adapt: Any = "head", steps: Any = None, lr: Any = None, prox:
         >>> adapt_settings("head", steps=5)
         Traceback (most recent call last):
         ...
-        mrml.errors.UsageError: adapt_steps does nothing with adapt head (only the algorithm's own adaptation runs): drop it, or adapt last-block, all or auto
+        mrml.errors.UsageError: adapt_steps does nothing with adapt head (the default: only the algorithm's own adaptation runs): drop it, or give adapt last-block, all or auto
     """
     names = {**_LIB_FLAGS, **(flags or {})}
     if not isinstance(adapt, str) or adapt not in ADAPT_MODES:
@@ -95,8 +95,9 @@ def adapt_settings(adapt: Any = "head", steps: Any = None, lr: Any = None, prox:
     if adapt == "head":
         extra = [k for k, v in given.items() if v is not None]
         if extra:
-            raise UsageError(f"{names[extra[0]]} does nothing with {names['adapt']} head (only the algorithm's own "
-                             f"adaptation runs): drop it, or {names['adapt']} last-block, all or auto")
+            raise UsageError(f"{names[extra[0]]} does nothing with {names['adapt']} head (the default: only the "
+                             f"algorithm's own adaptation runs): drop it, or give {names['adapt']} last-block, all "
+                             "or auto")
         return AdaptSettings()
     defaults = {"steps": DEFAULT_ADAPT_STEPS, "lr": DEFAULT_ADAPT_LR, "prox": DEFAULT_ADAPT_PROX}
     values = {k: defaults[k] if v is None else v for k, v in given.items()}
