@@ -114,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset folder (of --dataset, or the run's if it moved)")
     add_options(p, RunConfig, only=("split_file", "ways", "shots", "query", "device"), suffix=override)
     add_options(p, AlgoConfig, only=("test_steps", "test_lr"), suffix=override)
+    from .algorithms import finetune as ft
+
+    p.add_argument("--adapt", default=None, metavar="|".join(ft.ADAPT_MODES),
+                   help="what adapts on each support set: head (default: the algorithm's own test-time adaptation, "
+                        "trunk frozen), last-block or all (then that part fine-tuned by Adam from the trained weights), "
+                        "auto (head or last-block per task, chosen by cross-validation over the support shots)")
+    p.add_argument("--adapt-steps", type=int, default=None, metavar="N",
+                   help=f"Adam steps of the fine-tuning (default {ft.DEFAULT_ADAPT_STEPS}; not with --adapt head)")
+    p.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
+                   help=f"Adam step size of the fine-tuning (default {ft.DEFAULT_ADAPT_LR:g}; not with --adapt head)")
+    p.add_argument("--adapt-prox", type=float, default=None, metavar="P",
+                   help=f"proximal strength: + P/2 ||theta - theta0||^2 on the fine-tuned part (default "
+                        f"{ft.DEFAULT_ADAPT_PROX:g}; not with --adapt head)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("data", help="inspect datasets on disk")
@@ -152,8 +165,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from .runs import eval_dataset, load_run
     from .train import likely_cause
     from .validation import EVAL_RANGES, check_all
+    from .algorithms.finetune import adapt_settings
 
     check_all(ns, EVAL_RANGES)
+    adapt = adapt_settings("head" if ns.adapt is None else ns.adapt, ns.adapt_steps, ns.adapt_lr, ns.adapt_prox,
+                           flags={"adapt": "--adapt", "steps": "--adapt-steps", "lr": "--adapt-lr",
+                                  "prox": "--adapt-prox"})
     if ns.data_root and not Path(ns.data_root).is_dir():
         raise UsageError(f"--data-root {ns.data_root} is not a folder: pass the folder that holds the dataset")
     run = load_run(ns.run_dir, device=ns.device, test_steps=ns.test_steps, test_lr=ns.test_lr,
@@ -167,12 +184,17 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     dataset = eval_dataset(run, ns.dataset, ns.data_root, ns.split_file)
     name = ns.dataset or cfg.dataset
     result = run.evaluate(dataset, ns.split, ns.episodes, ns.ways, ns.shots, ns.query,
-                          cfg.eval_seed if ns.seed is None else ns.seed, progress=not ns.json)
+                          cfg.eval_seed if ns.seed is None else ns.seed, progress=not ns.json,
+                          adapt=adapt.mode, adapt_steps=adapt.steps, adapt_lr=adapt.lr, adapt_prox=adapt.prox)
     result.update(run_dir=str(ns.run_dir), iteration=run.iteration, algo=cfg.algo, dataset=name,
                   test_steps=cfg.test_steps, test_lr=cfg.test_lr)
     if not math.isfinite(result["loss"]):
         raise NonFiniteError(f"{ns.split} loss is not finite: {likely_cause(cfg, 'test', run.learner.config.inner_solver)}")
     on = f", {name}" if name != cfg.dataset else ""
+    if adapt.mode != "head":
+        on += f", --adapt {adapt.mode}: {adapt.steps} Adam steps at {adapt.lr:g}, prox {adapt.prox:g}"
+        if "auto_last_block_share" in result:
+            on += f", last-block in {100 * result['auto_last_block_share']:.0f}% of episodes"
     if ns.json:
         print(strict_dumps(result))
     elif result["accuracy"] is not None:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .algorithms.base import MetaAlgorithm
+from .algorithms.finetune import AdaptSettings
 from .data.base import episode_rng
 
 
@@ -19,8 +20,12 @@ def confidence95(values: list[float]) -> float:
 
 def episode_scores(algo: MetaAlgorithm, source: Any, split: str, ways: int, shots: int, query: int, seed: int,
                    indices: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32,
-                   progress: bool = False) -> tuple[list[float], list[float]]:
-    """Losses and accuracies (empty for regression) of episodes `indices` of `split`, in that order."""
+                   progress: bool = False, *, adapt: AdaptSettings | None = None,
+                   chosen: list[bool] | None = None) -> tuple[list[float], list[float]]:
+    """Losses and accuracies (empty for regression) of episodes `indices` of `split`, in that order.
+
+    `adapt`: the test-time adaptation (`mrml.algorithms.finetune`; None: the algorithm's own). `chosen`,
+    under adapt auto: appended per episode, whether last-block was chosen."""
     it: Any = indices
     if progress:
         from tqdm import tqdm
@@ -29,7 +34,9 @@ def episode_scores(algo: MetaAlgorithm, source: Any, split: str, ways: int, shot
     losses, accs = [], []
     for i in it:
         ep = source.episode(split, ways, shots, query, episode_rng(seed, split, i)).to(device, dtype)
-        stats = algo.evaluate(ep)
+        stats = algo.evaluate(ep, **adapt.kwargs()) if adapt is not None else algo.evaluate(ep)
+        if chosen is not None and "adapt_last_block" in stats.extra:
+            chosen.append(stats.extra["adapt_last_block"] == 1.0)
         losses.append(stats.loss)
         if stats.accuracy is not None:
             accs.append(stats.accuracy)

@@ -138,7 +138,8 @@ class LoadedRun:
 
     def evaluate(self, dataset: Any, split: str = "test", episodes: int = 600, ways: int | None = None,
                  shots: int | None = None, query: int | None = None, seed: int = 0,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, adapt: str = "head", adapt_steps: int | None = None,
+                 adapt_lr: float | None = None, adapt_prox: float | None = None) -> dict[str, Any]:
         """Meta-test on `episodes` seeded episodes of `dataset`'s `split` (`learner.evaluate` on each).
 
         Episode i is drawn from `mrml.data.episode_rng(seed, split, i)`; images of another size or
@@ -152,10 +153,19 @@ class LoadedRun:
             ways, shots, query: episode shape (None: the run's).
             seed: episode seed.
             progress: show a progress bar.
+            adapt: what adapts at test time: head (the algorithm's own adaptation), last-block, all or
+                auto (`mrml.algorithms.finetune`).
+            adapt_steps, adapt_lr, adapt_prox: the fine-tuning's Adam steps, step size and proximal
+                strength (None: `finetune.DEFAULT_ADAPT_*`); not with head.
 
         Returns:
             dict with accuracy (None for regression), ci95 (1.96 sample std / sqrt(T)), loss, loss_ci95,
-            episodes, split, seed, ways, shots, query and dataset (its name).
+            episodes, split, seed, ways, shots, query, dataset (its name), adapt, adapt_steps, adapt_lr and
+            adapt_prox (None with head), and under auto auto_last_block_share (the share of episodes where
+            last-block was chosen).
+
+        Raises:
+            UsageError: one line for a bad setting (episode shape, seed, adapt values) or dataset.
 
         Example:
             >>> import io, tempfile, numpy as np, mrml
@@ -180,8 +190,10 @@ class LoadedRun:
         from .config import RunConfig
         from .settings import field_of
         from .validation import EVAL_RANGES, check_all
+        from .algorithms.finetune import adapt_settings
 
         cfg = self.config
+        settings = adapt_settings(adapt, adapt_steps, adapt_lr, adapt_prox)
         shape = argparse.Namespace(episodes=episodes, seed=seed, ways=cfg.ways if ways is None else ways,
                                    shots=cfg.shots if shots is None else shots,
                                    query=cfg.query if query is None else query)
@@ -194,10 +206,14 @@ class LoadedRun:
         source = conform(dataset, self.input_shape) if self.kind == "classification" else dataset
         source.check_episode(split, shape.ways, shape.shots, shape.query)
         learner = self.learner_for(shape.ways)
+        chosen: list[bool] = []
         losses, accs = episode_scores(learner, source, split, shape.ways, shape.shots, shape.query, seed,
-                                      range(episodes), self.device, self.dtype, progress)
+                                      range(episodes), self.device, self.dtype, progress, adapt=settings, chosen=chosen)
         out = summarize(split, seed, losses, accs)
-        out.update(ways=shape.ways, shots=shape.shots, query=shape.query, dataset=getattr(dataset, "name", None))
+        out.update(ways=shape.ways, shots=shape.shots, query=shape.query, dataset=getattr(dataset, "name", None),
+                   **settings.record())
+        if settings.mode == "auto":
+            out["auto_last_block_share"] = sum(chosen) / len(chosen)
         return out
 
 

@@ -149,6 +149,8 @@ class MetaAlgorithm(abc.ABC):
     can_learn_l2 = False
     #: whether lambda is learned by default where the exact inner solve is the default (mrml's head)
     default_learn_l2 = False
+    #: whether predictions come from class prototypes of the trunk's embeddings (ProtoNet: no head)
+    prototypes = False
 
     def __init__(self, model: nn.Module, loss: TaskLoss | str | Callable = "classification",
                  config: AlgoConfig | None = None, *, trunk: str | nn.Module | None = None,
@@ -443,15 +445,23 @@ class MetaAlgorithm(abc.ABC):
             _, y, _ = self._test_time(episode, query=False)
         return {k: v.detach() for k, v in self.split.to_model_names(y).items()}
 
-    def adapt(self, ep: Episode) -> torch.Tensor:
-        """Query predictions after test-time adaptation: trunk frozen, inner part adapted on the
-        support set as `adapted_parameters` does. Leaves `.grad` untouched. Deterministic: dropout and
+    def adapt(self, ep: Episode, adapt: str = "head", *, adapt_steps: int | None = None,
+              adapt_lr: float | None = None, adapt_prox: float | None = None) -> torch.Tensor:
+        """Query predictions after test-time adaptation: by default (`adapt="head"`) trunk frozen, inner
+        part adapted on the support set as `adapted_parameters` does. Leaves `.grad` untouched. Deterministic: dropout and
         other train-only layers are off, batch norm normalises as in meta-training (by the batch's
         statistics in train mode, running statistics not updated), every module's mode restored
         afterwards (`mrml.models.modes.evaluation_modes`; `adapted_parameters` and `evaluate` alike).
 
         Args:
             ep: the task: the inner part adapts on its support set, and predicts its query inputs.
+            adapt: head (the above), last-block or all (then that part fine-tuned on the support set by
+                Adam from the trained weights and the adapted inner part; a part inside a user's
+                `trunk=` in a model without stages means the trunk runs in every step), or auto (per
+                task, head or last-block by cross-validation over the support shots):
+                `mrml.algorithms.finetune`.
+            adapt_steps, adapt_lr, adapt_prox: the fine-tuning's Adam steps, step size and proximal
+                strength (None: `finetune.DEFAULT_ADAPT_*`); not with head.
 
         Returns:
             The model's output on `ep.query_x` (e.g. (n_query, C) logits), without graph.
@@ -468,23 +478,36 @@ class MetaAlgorithm(abc.ABC):
             >>> pred.shape, pred.requires_grad, torch.equal(pred, learner.adapt(ep))
             (torch.Size([9, 3]), False, True)
         """
+        if adapt != "head" or adapt_steps is not None or adapt_lr is not None or adapt_prox is not None:
+            return self.adapt_beyond_head(ep, adapt, adapt_steps, adapt_lr, adapt_prox)[0]
         with evaluation_modes(self.model):
             xa, y, fq = self._test_time(ep, query=True)
             with torch.no_grad():
                 return self.split.predict({**xa, **y}, fq)
 
-    def evaluate(self, ep: Episode) -> StepStats:
+    def adapt_beyond_head(self, ep: Episode, adapt: str, steps: Any, lr: Any, prox: Any) -> tuple[torch.Tensor, str]:
+        """(query predictions, the adaptation used) under the checked settings (`finetune.predictions`)."""
+        from .finetune import adapt_settings, predictions
+
+        return predictions(self, ep, adapt_settings(adapt, steps, lr, prox))
+
+    def evaluate(self, ep: Episode, adapt: str = "head", *, adapt_steps: int | None = None,
+                 adapt_lr: float | None = None, adapt_prox: float | None = None) -> StepStats:
         """Query loss and accuracy after test-time adaptation (`adapt`) on one task.
 
         Args:
             ep: the task (a held-out one for meta-testing).
+            adapt, adapt_steps, adapt_lr, adapt_prox: what adapts (as for `adapt`; default: the
+                algorithm's own adaptation, trunk frozen).
 
         Returns:
-            `StepStats` with the query loss and accuracy (None where the loss has none); `extra` empty.
+            `StepStats` with the query loss and accuracy (None where the loss has none); `extra` empty,
+            except under adapt="auto": `adapt_last_block` 1.0 where last-block was chosen, else 0.0.
 
         Raises:
-            UsageError: `ep` is not a well-formed Episode, or a classification support set holds fewer
-                than 2 classes. NonFiniteError: `ep` holds NaN or infinite values.
+            UsageError: `ep` is not a well-formed Episode, a classification support set holds fewer
+                than 2 classes, or a bad adapt setting (one line). NonFiniteError: `ep` holds NaN or
+                infinite values.
 
         Example:
             >>> import torch
@@ -501,8 +524,14 @@ class MetaAlgorithm(abc.ABC):
         """
         check_episode(self, ep)
         check_dtypes(self, [ep], "evaluate")
-        pred = self.adapt(ep)
-        return StepStats(float(self.loss(pred, ep.query_y)), self.loss.accuracy(pred, ep.query_y))
+        extra: dict[str, float] = {}
+        if adapt == "head" and adapt_steps is None and adapt_lr is None and adapt_prox is None:
+            pred = self.adapt(ep)
+        else:
+            pred, used = self.adapt_beyond_head(ep, adapt, adapt_steps, adapt_lr, adapt_prox)
+            if adapt == "auto":
+                extra["adapt_last_block"] = float(used == "last-block")
+        return StepStats(float(self.loss(pred, ep.query_y)), self.loss.accuracy(pred, ep.query_y), extra)
 
     def state_dict(self) -> dict[str, Any]:
         """Algorithm state beyond the model (a learned lambda, warm starts); saved in checkpoints."""

@@ -62,6 +62,7 @@ class ProtoNet(MetaAlgorithm):
     learns_inner_init = False
     default_inner = "head"
     default_l2 = 0.0
+    prototypes = True
 
     def __init__(self, model: nn.Module, loss: TaskLoss | str | Callable = "classification",
                  config: AlgoConfig | None = None, *, trunk: str | nn.Module | None = None,
@@ -94,7 +95,12 @@ class ProtoNet(MetaAlgorithm):
         """No parameter adapts (the prototypes are computed from the support features): {}."""
         return {}
 
-    def adapt(self, ep: Episode) -> torch.Tensor:
-        """Query logits from the support prototypes (evaluation modes: `mrml.models.modes`)."""
+    def adapt(self, ep: Episode, adapt: str = "head", *, adapt_steps: int | None = None,
+              adapt_lr: float | None = None, adapt_prox: float | None = None) -> torch.Tensor:
+        """Query logits from the support prototypes (evaluation modes: `mrml.models.modes`). adapt
+        last-block / all / auto: the named part of the embedding first fine-tuned on the support set with
+        the prototype classifier's loss (prototypes from the support set; `mrml.algorithms.finetune`)."""
+        if adapt != "head" or adapt_steps is not None or adapt_lr is not None or adapt_prox is not None:
+            return self.adapt_beyond_head(ep, adapt, adapt_steps, adapt_lr, adapt_prox)[0]
         with evaluation_modes(self.model), torch.no_grad():
             return self.logits(ep)
