@@ -59,8 +59,8 @@ def test_shipped_script_split_holds_out_the_documented_families():
 
 def test_shipped_script_split_is_what_its_generator_makes():
     made = glyph_splits.script_split(glyphs.glyph_classes())
-    assert {k: made[k] for k in (*SPLITS, "counts", "families", "source")} == \
-        {k: SHIPPED[k] for k in (*SPLITS, "counts", "families", "source")}
+    assert {k: made[k] for k in (*SPLITS, "counts", "families", "dataset")} == \
+        {k: SHIPPED[k] for k in (*SPLITS, "counts", "families", "dataset")}
     assert made["families"]["test"]["mathematical operators and symbols"] == 167
     assert "python -m mrml.data.glyph_splits" in SHIPPED["source"]
 
