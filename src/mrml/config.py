@@ -56,7 +56,8 @@ class RunConfig:
                                      "mini-imagenet, tiered-imagenet, omniglot")
     data_root: str | None = setting(None, "folder holding the dataset files (on-disk benchmarks; glyphs: the folder "
                                           "of its generated cache; sinusoid takes none)")
-    split_file: str | None = setting(None, "class split JSON to use instead of the canonical one")
+    split_file: str | None = setting(
+        None, "class split JSON to use instead of the canonical one (glyphs: also glyphs:scripts, split by script family)")
     augment: bool = setting(False, "training-set augmentation (image datasets that offer it)")
     rotations: bool = setting(False, "add 90/180/270-degree rotations of each class as new classes (image datasets)")
     image_size: int | None = setting(None, "resize images to this side length (on-disk benchmarks)",

@@ -480,19 +480,29 @@ def _check_int(name: str, value: Any, low: int, default: int, high: int = 2**32 
 @register("glyphs")
 def build_glyphs(
     root: str | Path | None = None, seed: int = 0, samples: int = 20, image_size: int = 28,
-    dataset_seed: int = 0, **unused: Any
+    dataset_seed: int = 0, split_file: str | Path | None = None, **unused: Any
 ) -> FewShotDataset:
     """The embedded glyphs dataset; `root` is the cache folder (default: the user cache, see `cache_dir`).
 
     `dataset_seed` fixes the rendered images and the class split; `seed` is the run's seed, which the
-    dataset does not use (so runs with different seeds share one dataset and one test split)."""
+    dataset does not use (so runs with different seeds share one dataset and one test split).
+    `split_file`: a class split JSON, or `glyphs:scripts` (split by script family), instead of the
+    seeded split (see `mrml.data.glyph_splits`); classes the file does not list are left out."""
     unknown = sorted(set(unused) - set(_IGNORED_OPTIONS))
     if unknown:
-        raise UsageError(f"dataset 'glyphs' has no option {unknown[0]!r} (it takes samples, image_size, dataset_seed)")
+        raise UsageError(f"dataset 'glyphs' has no option {unknown[0]!r} "
+                         "(it takes samples, image_size, dataset_seed, split_file)")
     seed = _check_int("dataset_seed", dataset_seed, 0, 0)
     samples = _check_int("samples", samples, 1, 20)
     image_size = _check_int("image_size", image_size, 8, 28, 128)  # rendered for every class: keep it small
+    split = None
+    if split_file is not None:
+        from . import glyph_splits  # it imports this module
+
+        split = glyph_splits.read_split(split_file)  # checked before any drawing
     images, codepoints, splits, path, cached = load_or_generate(seed, samples, image_size, root)
+    if split is not None:
+        splits = glyph_splits.split_ids(split, codepoints)
     parts = {}
     for sid, name in enumerate(SPLITS):
         idx = np.flatnonzero(splits == sid)
@@ -504,6 +514,8 @@ def build_glyphs(
         "samples_per_class": samples,
         "image_size": image_size,
         "seed": seed,
+        "split_file": None if split is None else str(split_file),
+        "unused_classes": int((splits < 0).sum()),
         "cache": str(path),
         "from_cache": cached,
     }
