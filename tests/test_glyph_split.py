@@ -140,3 +140,19 @@ def test_run_on_the_seeded_split_evaluates_on_the_script_test_families(tmp_path,
     capsys.readouterr()
     assert main(["eval", str(out), "--split-file", "glyphs:scripts", "--episodes", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["episodes"] == 2
+
+
+def test_glyphs_negative_is_glyphs_with_the_opposite_polarity_on_any_split(scripts, tmp_path, capsys):
+    plain, neg = build_dataset("glyphs", split_file="glyphs:scripts"), build_dataset("glyphs-negative", split_file="glyphs:scripts")
+    for split in SPLITS:
+        assert neg.splits[split].names == plain.splits[split].names
+    idx = np.arange(3)
+    x, y = plain.splits["test"].images(5, idx), neg.splits["test"].images(5, idx)
+    assert np.allclose((x + y).numpy(), 1.0) and float(x.mean()) < 0.5 < float(y.mean())  # light strokes -> dark
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "glyphs", "--split-file", "glyphs:scripts", "--iterations", "0", *TINY,
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--dataset", "glyphs-negative", "--episodes", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["dataset"] == "glyphs-negative" and got["episodes"] == 2

@@ -52,7 +52,7 @@ class RunConfig:
     """
 
     # task source
-    dataset: str = setting("glyphs", "task source: glyphs (default, embedded), sinusoid, cifar-fs, fc100, "
+    dataset: str = setting("glyphs", "task source: glyphs (default, embedded), glyphs-negative (the same, dark on light), sinusoid, cifar-fs, fc100, "
                                      "mini-imagenet, tiered-imagenet, omniglot")
     data_root: str | None = setting(None, "folder holding the dataset files (on-disk benchmarks; glyphs: the folder "
                                           "of its generated cache; sinusoid takes none)")

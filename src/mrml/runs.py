@@ -288,7 +288,7 @@ def load_run(path: str | Path, device: str | None = "cpu", *, test_steps: int | 
 # -------------------------------------------------------------------------------- evaluation datasets
 
 # datasets whose builder takes `image_size` (and its range)
-_SIZED = {"glyphs": (8, 128), "cifar-fs": (1, 1024), "fc100": (1, 1024), "mini-imagenet": (1, 1024),
+_SIZED = {"glyphs": (8, 128), "glyphs-negative": (8, 128), "cifar-fs": (1, 1024), "fc100": (1, 1024), "mini-imagenet": (1, 1024),
           "tiered-imagenet": (1, 1024), "omniglot": (1, 1024)}
 
 

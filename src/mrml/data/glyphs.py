@@ -22,11 +22,12 @@ from typing import Any
 import matplotlib
 import numpy as np
 from matplotlib.ft2font import FT2Font
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import UsageError
 from .base import SPLITS, ArrayClassImages, FewShotDataset, to_tensor
-from .registry import register
+from .registry import build_dataset, register
 
 VERSION = 1
 FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
@@ -520,3 +521,26 @@ def build_glyphs(
         "from_cache": cached,
     }
     return FewShotDataset(name="glyphs", splits=parts, kind="classification", info=info)
+
+
+def negative_tensor(batch: np.ndarray) -> torch.Tensor:
+    """`to_tensor` of the negative image (255 - v): dark strokes on a light ground."""
+    return to_tensor(255 - batch)
+
+
+@register("glyphs-negative")
+def build_glyphs_negative(root: str | Path | None = None, **options: Any) -> FewShotDataset:
+    """`glyphs` drawn dark on light (every pixel 255 - v, as Omniglot's own images are): the same classes,
+    samples, options and splits (`split_file` included), the opposite polarity. A domain shift for a run
+    trained on `glyphs`: the same characters, every low-level statistic changed (README, cross-domain).
+
+    Example:
+        >>> a, b = build_dataset("glyphs", samples=2), build_dataset("glyphs-negative", samples=2)
+        >>> x, y = a.splits["test"].images(0, np.arange(2)), b.splits["test"].images(0, np.arange(2))
+        >>> bool(torch.allclose(x + y, torch.ones_like(x))), b.name, b.info["polarity"]
+        (True, 'glyphs-negative', 'dark on light')
+    """
+    base = build_glyphs(root, **options)
+    parts = {name: ArrayClassImages(part.names, part.arrays, negative_tensor) for name, part in base.splits.items()}
+    return FewShotDataset(name="glyphs-negative", splits=parts, kind="classification",
+                          info={**base.info, "polarity": "dark on light"})

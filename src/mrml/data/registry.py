@@ -18,6 +18,7 @@ _BUILDERS: dict[str, Builder] = {}
 # name -> module that registers it (imported on first use, so `mrml --help` stays fast)
 _MODULES = {
     "glyphs": "mrml.data.glyphs",
+    "glyphs-negative": "mrml.data.glyphs",
     "sinusoid": "mrml.data.sinusoid",
     "cifar-fs": "mrml.data.benchmarks",
     "fc100": "mrml.data.benchmarks",
