@@ -38,9 +38,11 @@ from ..models.split import Stages, model_stages, resolve_inner
 from ..validation import BIG, LR_MAX, Range
 
 ADAPT_MODES = ("head", "last-block", "all", "auto")
-# Defaults of the fine-tuning (last-block / all / auto). Provisional: issue 22 measured 100 Adam steps at 1e-3,
-# no proximal term, as the best last-block setting at 5 shots (glyphs run, cross-domain and in-domain); the
-# final values are to be chosen on validation episodes across the built-in datasets and shot counts.
+# Defaults of the fine-tuning (last-block / all / auto), chosen on validation episodes (benchmarks/adapt.py,
+# benchmarks/results/adapt/select_*): in-domain (a default glyphs run) 100 steps at 1e-3 cost nothing at 5 shots
+# (+0.10 +- 0.18 points) and 0.44 at 1 shot, where 3e-3 cost 0.1 and 1.8 and 1e-2 0.5 and 4.8; across domains
+# (a script-split run on glyphs-negative's validation families) they gain 8-9 points at 1 and 5 shots, 3e-3
+# one more, 3e-4 one less; 50 or 200 steps change little. No proximal term (the issue: it lost up to 3 points).
 DEFAULT_ADAPT_STEPS = 100
 DEFAULT_ADAPT_LR = 1e-3
 DEFAULT_ADAPT_PROX = 0.0
