@@ -191,7 +191,7 @@ def finetuned_predictions(learner: Any, ep: Episode, part: str, s: AdaptSettings
         def objective(theta: dict[str, torch.Tensor]) -> torch.Tensor:
             out = output(theta, fs)
             if learner.prototypes:
-                from .protonet import prototype_logits
+                from .losses import prototype_logits
 
                 loss = learner.loss(prototype_logits(out, ys, out), ys)
             else:
@@ -213,7 +213,7 @@ def finetuned_predictions(learner: Any, ep: Episode, part: str, s: AdaptSettings
         theta = {n: t.detach() for n, t in theta.items()}
         with torch.no_grad():
             if learner.prototypes:
-                from .protonet import prototype_logits
+                from .losses import prototype_logits
 
                 return prototype_logits(output(theta, fs), ys, output(theta, fq))
             return output(theta, fq)

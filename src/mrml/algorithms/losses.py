@@ -99,3 +99,13 @@ def make_loss(loss: Any, what: str = "loss") -> Loss:
     if callable(loss):
         return CallableLoss(loss)
     raise UsageError(f"{what} must be {_EXPECTED} (got {type(loss).__name__})")
+
+
+def prototype_logits(fs: torch.Tensor, ys: torch.Tensor, fq: torch.Tensor) -> torch.Tensor:
+    """-||fq - c_k||^2 for the class means c_k of the support features (classes 0..max label)."""
+    fs, fq = fs.flatten(1), fq.flatten(1)
+    n = int(ys.max()) + 1
+    sums = torch.zeros(n, fs.shape[1], dtype=fs.dtype, device=fs.device).index_add(0, ys, fs)
+    counts = torch.bincount(ys, minlength=n).to(fs.dtype).clamp_min(1).unsqueeze(1)
+    protos = sums / counts
+    return -((fq.unsqueeze(1) - protos.unsqueeze(0)) ** 2).sum(-1)

@@ -16,13 +16,9 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-from ..errors import DataError
 from .base import SPLITS
-from .formats.splits import ClassSplit, load_split
-from .glyphs import _RANGES, class_name
-
-SCRIPT_SPLIT = Path(__file__).parent / "splits" / "glyphs_scripts.json"
-SHIPPED = {"glyphs:scripts": SCRIPT_SPLIT}  # short names of the shipped split files
+from .glyphs import _RANGES, SCRIPT_SPLIT, SHIPPED, class_name, read_split  # noqa: F401 (the reading side)
+from .glyphs import file_split_ids as split_ids  # noqa: F401
 
 # Script families (Unicode blocks of `glyphs._RANGES`) of the validation and test splits of
 # `glyphs:scripts`; every other block is meta-trained on.
@@ -44,35 +40,6 @@ SCRIPT_FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
         "box drawing": ("Box Drawing",),
     },
 }
-
-
-def read_split(split_file: str | Path) -> ClassSplit:
-    """The split file (or shipped short name) checked for shape: three non-empty, class-disjoint lists."""
-    text = str(split_file)
-    if text.startswith("glyphs:") and text not in SHIPPED:
-        raise DataError(f"unknown shipped glyphs split {text!r}: expected {', '.join(SHIPPED)} or a JSON file path")
-    return load_split("glyphs", SHIPPED.get(text, split_file))
-
-
-def split_ids(split: ClassSplit, codepoints: np.ndarray) -> np.ndarray:
-    """Class -> split index (0 train, 1 validation, 2 test, -1 not in the file) for the dataset's classes."""
-    index = {class_name(int(cp)): i for i, cp in enumerate(codepoints)}
-    out = np.full(len(codepoints), -1, dtype=np.int8)
-    for sid, part in enumerate(SPLITS):
-        names = split.classes[part]
-        unknown = [n for n in names if n not in index]
-        if unknown:
-            regen = " (regenerate it: python -m mrml.data.glyph_splits OUT.json)" if split.source == str(SCRIPT_SPLIT) else ""
-            raise DataError(
-                f"split file {split.source} names {len(unknown)} {part} classes that glyphs does not have, e.g. "
-                f"{unknown[0]!r}: glyphs classes are named 'U+<hex code point> <character>', e.g. "
-                f"{class_name(int(codepoints[0]))!r}{regen}"
-            )
-        if len(names) < 2:
-            raise DataError(f"split file {split.source} has {len(names)} {part} class: an episode needs at least 2 "
-                            f"classes (as many as --ways), so list more under {part!r}")
-        out[[index[n] for n in names]] = sid
-    return out
 
 
 def block_of(cp: int) -> str:

@@ -21,12 +21,13 @@ from typing import Any
 
 import matplotlib
 import numpy as np
-from matplotlib.ft2font import FT2Font
 import torch
+from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from .base import SPLITS, ArrayClassImages, FewShotDataset, to_tensor
+from .formats.splits import ClassSplit, load_split
 from .registry import build_dataset, register
 
 VERSION = 1
@@ -235,6 +236,42 @@ def glyph_classes() -> list[int]:
 
 def class_name(cp: int) -> str:
     return f"U+{cp:04X} {chr(cp)}"
+
+
+# ----------------------------------------------------------------------------- split files (glyph_splits makes them)
+
+SCRIPT_SPLIT = Path(__file__).parent / "splits" / "glyphs_scripts.json"
+SHIPPED = {"glyphs:scripts": SCRIPT_SPLIT}  # short names of the shipped split files (mrml.data.glyph_splits)
+
+
+
+def read_split(split_file: str | Path) -> ClassSplit:
+    """The split file (or shipped short name) checked for shape: three non-empty, class-disjoint lists."""
+    text = str(split_file)
+    if text.startswith("glyphs:") and text not in SHIPPED:
+        raise DataError(f"unknown shipped glyphs split {text!r}: expected {', '.join(SHIPPED)} or a JSON file path")
+    return load_split("glyphs", SHIPPED.get(text, split_file))
+
+
+def file_split_ids(split: ClassSplit, codepoints: np.ndarray) -> np.ndarray:
+    """Class -> split index (0 train, 1 validation, 2 test, -1 not in the file) for the dataset's classes."""
+    index = {class_name(int(cp)): i for i, cp in enumerate(codepoints)}
+    out = np.full(len(codepoints), -1, dtype=np.int8)
+    for sid, part in enumerate(SPLITS):
+        names = split.classes[part]
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            regen = " (regenerate it: python -m mrml.data.glyph_splits OUT.json)" if split.source == str(SCRIPT_SPLIT) else ""
+            raise DataError(
+                f"split file {split.source} names {len(unknown)} {part} classes that glyphs does not have, e.g. "
+                f"{unknown[0]!r}: glyphs classes are named 'U+<hex code point> <character>', e.g. "
+                f"{class_name(int(codepoints[0]))!r}{regen}"
+            )
+        if len(names) < 2:
+            raise DataError(f"split file {split.source} has {len(names)} {part} class: an episode needs at least 2 "
+                            f"classes (as many as --ways), so list more under {part!r}")
+        out[[index[n] for n in names]] = sid
+    return out
 
 
 # ----------------------------------------------------------------------------- samples
@@ -498,12 +535,10 @@ def build_glyphs(
     image_size = _check_int("image_size", image_size, 8, 28, 128)  # rendered for every class: keep it small
     split = None
     if split_file is not None:
-        from . import glyph_splits  # it imports this module
-
-        split = glyph_splits.read_split(split_file)  # checked before any drawing
+        split = read_split(split_file)  # checked before any drawing
     images, codepoints, splits, path, cached = load_or_generate(seed, samples, image_size, root)
     if split is not None:
-        splits = glyph_splits.split_ids(split, codepoints)
+        splits = file_split_ids(split, codepoints)
     parts = {}
     for sid, name in enumerate(SPLITS):
         idx = np.flatnonzero(splits == sid)
