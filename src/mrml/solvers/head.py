@@ -176,6 +176,12 @@ class HeadProblem:
             self._shifts[k] = self._lam(2) * eye if isinstance(self.lam, torch.Tensor) else eye * self.lam
         return self._shifts[k]
 
+    def _gram(self) -> torch.Tensor:
+        """K = F~ F~' per task (T, n, n), made once."""
+        if self._kernel is None:
+            self._kernel = torch.bmm(self.feats, self.feats.transpose(1, 2))
+        return self._kernel
+
     def _ridge(self) -> bool:
         return isinstance(self.lam, torch.Tensor) or self.lam != 0
 
@@ -184,24 +190,25 @@ class HeadProblem:
 
     def logits(self, w: torch.Tensor) -> torch.Tensor:
         """F~ W' per task: (T, n, C)."""
-        return torch.bmm(self.feats, w.transpose(1, 2)) if w.dim() == 3 else self.feats @ w.transpose(-1, -2)
+        return torch.bmm(self.feats, w.transpose(1, 2))
 
     # -- loss and gradient --------------------------------------------------------------------------
-    def _data(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-task data loss (T,) and its gradient in the logits (T, n, C)."""
+    def _data(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-task data loss (T,), its gradient in the logits (T, n, C) and the probabilities (T, n, C;
+        None for regression), from one log-softmax."""
         t, n, c = z.shape
         if self.kind == "classification":
-            value = F.cross_entropy(z.reshape(t * n, c), self.targets.reshape(-1), reduction="none").reshape(t, n).mean(1)
+            lsm = torch.log_softmax(z, dim=2)
             idx = self.targets.unsqueeze(2)
-            resid = torch.softmax(z, dim=2).scatter_add(2, idx, z.new_full(idx.shape, -1.0)) / n
-            return value, resid
+            p = lsm.exp()
+            return -lsm.gather(2, idx).squeeze(2).mean(1), p.scatter_add(2, idx, z.new_full(idx.shape, -1.0)) / n, p
         diff = z - self.targets
-        return diff.pow(2).mean((1, 2)), 2.0 * diff / (n * c)
+        return diff.pow(2).mean((1, 2)), 2.0 * diff / (n * c), None
 
     def data_value_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unregularised losses (T,) and their gradients (T, C, d+1) at W (T, C, d+1)."""
-        value, resid = self._data(self.logits(w))
-        return value, resid.transpose(1, 2) @ self.feats
+        value, resid, _ = self._data(self.logits(w))
+        return value, torch.bmm(resid.transpose(1, 2), self.feats)
 
     def data_value(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unregularised losses (T,) and the logits (T, n, C) at W, differentiable in the features."""
@@ -222,16 +229,7 @@ class HeadProblem:
         """g, its gradient and what Newton reuses at W: the logits, the probabilities (classification),
         ||W - W0||^2 -- one log-softmax for the value and the gradient."""
         z = self.logits(w)
-        t, n, c = z.shape
-        if self.kind == "classification":
-            lsm = torch.log_softmax(z, dim=2)
-            idx = self.targets.unsqueeze(2)
-            value = -lsm.gather(2, idx).squeeze(2).mean(1)
-            p = lsm.exp()
-            resid = p.scatter_add(2, idx, z.new_full(idx.shape, -1.0)) / n
-        else:
-            diff, p = z - self.targets, None
-            value, resid = diff.pow(2).mean((1, 2)), 2.0 * diff / (n * c)
+        value, resid, p = self._data(z)
         grad, sq = torch.bmm(resid.transpose(1, 2), self.feats), None
         if self._ridge():
             dw = self._dw(w)
@@ -290,8 +288,7 @@ class HeadProblem:
         form = self.form(c) if form is None else form
         t, n, p1 = self.feats.shape
         if form == "dual":
-            if self._kernel is None:
-                self._kernel = torch.bmm(self.feats, self.feats.transpose(1, 2))
+            self._gram()
             self._shift(n * c)
         elif form == "primal":
             self._shift(c * p1)
@@ -318,9 +315,7 @@ class HeadProblem:
         t, n, p1 = self.feats.shape
         c = w.shape[1]
         if form == "dual":  # (lam I + K A) z = J B over (n, C)
-            if self._kernel is None:
-                self._kernel = torch.bmm(self.feats, self.feats.transpose(1, 2))
-            s = (self._kernel[:, :, None, :, None] * a.permute(0, 2, 1, 3).unsqueeze(1)).reshape(t, n * c, n * c)
+            s = (self._gram()[:, :, None, :, None] * a.permute(0, 2, 1, 3).unsqueeze(1)).reshape(t, n * c, n * c)
             z = torch.linalg.solve_ex(s + self._shift(n * c), self.logits(b).reshape(t, n * c, 1))[0].reshape(t, n, c)
             mz = torch.bmm(a.reshape(t * n, c, c), z.reshape(t * n, c, 1)).reshape(t, n, c)
             return (b - torch.bmm(mz.transpose(1, 2), self.feats)) / self._lam(2)
