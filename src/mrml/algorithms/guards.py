@@ -155,10 +155,16 @@ def check_episode(algo: "MetaAlgorithm", ep: Any, what: str = "evaluate") -> Non
         raise UsageError(f"{what} takes one Episode (got {type(ep).__name__}): call it once per episode; {_HOW}")
     _set_size(None, ep, "support")
     _set_size(None, ep, "query")
-    flags = [f for f in (two_classes(algo, ep), *finite_flags(ep).values()) if f is not None]
-    if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+    if not all_true([two_classes(algo, ep), *finite_flags(ep).values()]):
         check_classes(algo, None, ep)
         check_input_finite(None, ep)
+
+
+def all_true(flags: list[torch.Tensor | None]) -> bool:
+    """Whether every given bool tensor (any shape and device; None skipped) is all true: one host read,
+    none for no flags."""
+    fs = [f for f in flags if f is not None]
+    return not fs or bool(torch.stack([f.to(fs[0].device).all() for f in fs]).all())
 
 
 def all_finite(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -208,10 +214,8 @@ class FiniteWatch:
     def check(self, per_task: list["StepStats"]) -> None:
         """Raise (see the class) unless every loss, gradient and support set is as it should be."""
         bad_loss = [i for i, s in enumerate(per_task) if not math.isfinite(s.loss)]
-        flags = [f for f in [self.prior, *(g[1] for g in self.groups), *(g[2] for g in self.groups)]
-                 if f is not None]
-        flags += self.classes
-        if not bad_loss and (not flags or bool(torch.stack([f.to(flags[0].device).all() for f in flags]).all())):
+        if not bad_loss and all_true([self.prior, *(g[1] for g in self.groups), *(g[2] for g in self.groups),
+                                      *self.classes]):
             return
         if not bad_loss and self.screen_overflowed():
             return
@@ -239,8 +243,7 @@ class FiniteWatch:
     def screen_overflowed(self) -> bool:
         """Whether only the gradient screens failed and `.grad` is finite after all (a sum overflowed):
         once NaN or infinite, a gradient stays so however much is added to it."""
-        others = [f for f in [self.prior, *(g[2] for g in self.groups), *self.classes] if f is not None]
-        if others and not bool(torch.stack([f.to(others[0].device).all() for f in others]).all()):
+        if not all_true([self.prior, *(g[2] for g in self.groups), *self.classes]):
             return False
         flag = all_finite([p.grad for p in self.params])
         return flag is None or bool(flag)
