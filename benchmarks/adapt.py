@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -42,10 +41,6 @@ def parse_config(text: str) -> dict[str, Any]:
 def label_of(cfg: dict[str, Any]) -> str:
     extra = [str(cfg[k]) for k in ("adapt_steps", "adapt_lr", "adapt_prox") if cfg.get(k) is not None]
     return ":".join([cfg["adapt"], *extra])
-
-
-def interval(values: list[float]) -> float:
-    return 1.96 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
 
 
 def evaluate(run: Any, source: Any, split: str, shots: int, episodes: int, seed: int, cfg: dict[str, Any],
@@ -90,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mrml.data.registry import build_dataset
+    from mrml.evaluate import confidence95
     from mrml.runs import load_run
 
     torch.set_num_threads(ns.threads)
@@ -113,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                     head_accs = accs
                 diff = [a - b for a, b in zip(accs, head_accs)]
                 row = {"run": label, "run_dir": folder, "split": ns.split, "split_file": ns.split_file, "shots": shots,
-                       "config": label_of(cfg), **r, "accuracy": float(np.mean(accs)), "ci95": interval(accs),
-                       "vs_head": float(np.mean(diff)), "vs_head_ci95": interval(diff), "episodes": ns.episodes}
+                       "config": label_of(cfg), **r, "accuracy": float(np.mean(accs)), "ci95": confidence95(accs),
+                       "vs_head": float(np.mean(diff)), "vs_head_ci95": confidence95(diff), "episodes": ns.episodes}
                 results.append(row)
                 share = f", last-block chosen {100 * row['auto_last_block_share']:.0f}%" if "auto_last_block_share" in row else ""
                 print(f"{label} {ns.split} {shots}-shot {row['config']:>28}: {100 * row['accuracy']:6.2f}% ± "

@@ -36,6 +36,7 @@ from ..errors import UsageError
 from ..models.modes import evaluation_modes
 from ..models.split import Stages, model_stages, resolve_inner
 from ..validation import BIG, LR_MAX, Range
+from .losses import prototype_logits
 
 ADAPT_MODES = ("head", "last-block", "all", "auto")
 # Defaults of the fine-tuning (last-block / all / auto), chosen on validation episodes (benchmarks/adapt.py,
@@ -191,8 +192,6 @@ def finetuned_predictions(learner: Any, ep: Episode, part: str, s: AdaptSettings
         def objective(theta: dict[str, torch.Tensor]) -> torch.Tensor:
             out = output(theta, fs)
             if learner.prototypes:
-                from .losses import prototype_logits
-
                 loss = learner.loss(prototype_logits(out, ys, out), ys)
             else:
                 loss = learner.support_loss(out, ys)
@@ -213,8 +212,6 @@ def finetuned_predictions(learner: Any, ep: Episode, part: str, s: AdaptSettings
         theta = {n: t.detach() for n, t in theta.items()}
         with torch.no_grad():
             if learner.prototypes:
-                from .losses import prototype_logits
-
                 return prototype_logits(output(theta, fs), ys, output(theta, fq))
             return output(theta, fq)
 

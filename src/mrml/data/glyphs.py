@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import DataError, UsageError
 from .base import SPLITS, ArrayClassImages, FewShotDataset, to_tensor
 from .formats.splits import ClassSplit, load_split
-from .registry import build_dataset, register
+from .registry import register
 
 VERSION = 1
 FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
@@ -570,7 +570,7 @@ def build_glyphs_negative(root: str | Path | None = None, **options: Any) -> Few
     trained on `glyphs`: the same characters, every low-level statistic changed (README, cross-domain).
 
     Example:
-        >>> a, b = build_dataset("glyphs", samples=2), build_dataset("glyphs-negative", samples=2)
+        >>> a, b = build_glyphs(samples=2), build_glyphs_negative(samples=2)
         >>> x, y = a.splits["test"].images(0, np.arange(2)), b.splits["test"].images(0, np.arange(2))
         >>> bool(torch.allclose(x + y, torch.ones_like(x))), b.name, b.info["polarity"]
         (True, 'glyphs-negative', 'dark on light')
