@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,7 @@ class HeadProblem:
     _kernel: torch.Tensor | None = field(default=None, init=False, repr=False)  # F~ F~', on first dual solve
     _forms: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # `form`'s choice per C
     _shifts: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # lam I per size
+    _cache: dict[tuple, Any] = field(default_factory=dict, init=False, repr=False)  # see `_cached`
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -182,6 +183,26 @@ class HeadProblem:
             self._kernel = torch.bmm(self.feats, self.feats.transpose(1, 2))
         return self._kernel
 
+    def _cached(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A constant of this problem (target indices, one-hot rows), made once, as a normal tensor even
+        when first asked for in inference mode (Newton's), so that later graphs may use it."""
+        if key not in self._cache:
+            with torch.inference_mode(False):
+                self._cache[key] = make()
+        return self._cache[key]
+
+    def _powers(self, ts: torch.Tensor) -> torch.Tensor:
+        """(3, m): 1, -2 s, s^2 for the step sizes `ts` (m,), kept for the last `ts` given."""
+        hit = self._cache.get(("powers",))
+        if hit is None or hit[0] is not ts:
+            hit = (ts, torch.stack([torch.ones_like(ts), -2.0 * ts, ts * ts]))
+            self._cache[("powers",)] = hit
+        return hit[1]
+
+    def _onehot(self, c: int) -> torch.Tensor:
+        """The targets one-hot (T, n, C) (classification)."""
+        return self._cached(("onehot", c), lambda: F.one_hot(self.targets, c).to(self.feats.dtype))
+
     def _ridge(self) -> bool:
         return isinstance(self.lam, torch.Tensor) or self.lam != 0
 
@@ -199,9 +220,9 @@ class HeadProblem:
         t, n, c = z.shape
         if self.kind == "classification":
             lsm = torch.log_softmax(z, dim=2)
-            idx = self.targets.unsqueeze(2)
             p = lsm.exp()
-            return -lsm.gather(2, idx).squeeze(2).mean(1), p.scatter_add(2, idx, z.new_full(idx.shape, -1.0)) / n, p
+            value = lsm.gather(2, self._cached(("idx",), lambda: self.targets.unsqueeze(2))).mean((1, 2)).neg()
+            return value, (p - self._onehot(c)) / n, p
         diff = z - self.targets
         return diff.pow(2).mean((1, 2)), 2.0 * diff / (n * c), None
 
@@ -242,17 +263,18 @@ class HeadProblem:
         """g_t(W - s D) for every task and every s in `ts` (m,): (T, m), from one pass over the logits
         z(s) = z(W) - s F~ D' and the ridge term quadratic in s; `at` = point(W) if known."""
         zw = self.logits(w) if at is None else at.z
-        z = zw.unsqueeze(1) - ts[None, :, None, None] * self.logits(d).unsqueeze(1)  # (T, m, n, C)
+        m = ts.shape[0]
+        z = zw.unsqueeze(1) - ts.view(1, m, 1, 1) * self.logits(d).unsqueeze(1)  # (T, m, n, C)
         if self.kind == "classification":
-            idx = self.targets[:, None, :, None].expand(-1, z.shape[1], -1, 1)
+            idx = self._cached(("idx", m), lambda: self.targets[:, None, :, None].expand(-1, m, -1, 1))
             value = (torch.logsumexp(z, dim=3) - z.gather(3, idx).squeeze(3)).mean(2)
         else:
             value = (z - self.targets.unsqueeze(1)).pow(2).mean((2, 3))
-        if self._ridge():
+        if self._ridge():  # ||W - s D - W0||^2 = a0 - 2 s a1 + s^2 a2, for every s by one product
             dw = self._dw(w)
             a0 = dw.pow(2).sum((1, 2)) if at is None or at.sq is None else at.sq
-            a1, a2 = (dw * d).sum((1, 2)), d.pow(2).sum((1, 2))
-            quad = a0[:, None] - ts * (2 * a1[:, None] - ts * a2[:, None])
+            coef = torch.stack([a0, (dw * d).sum((1, 2)), d.pow(2).sum((1, 2))], dim=1)  # (T, 3)
+            quad = coef @ self._powers(ts)
             value = value + 0.5 * self._lam(1) * quad
         return value
 
@@ -331,11 +353,17 @@ class HeadProblem:
         p = torch.softmax(self.logits(w), dim=2) if p is None else p  # (T, n, C)
         blocks = torch.einsum("tnc,tna,tnb->tcab", p / n, f, f) + self._lam(3) * eye  # B_c
         u = p.transpose(1, 2).unsqueeze(2) * f.transpose(1, 2).unsqueeze(1) / math.sqrt(n)  # (T, C, p1, n)
-        sol = spd_solve(blocks, torch.cat([u, b.unsqueeze(3)], dim=3), self.fallback)
+        ub = torch.cat([u, b.unsqueeze(3)], dim=3)
+        if n + 1 > p1:  # fewer columns in B_c^{-1} itself than in [U | b]: invert, then multiply (level 3)
+            sol = torch.matmul(spd_solve(blocks, eye.expand_as(blocks), self.fallback), ub)
+        else:
+            sol = spd_solve(blocks, ub, self.fallback)
         y, y0 = sol[..., :n], sol[..., n]  # B^{-1} U, B^{-1} B
-        s = torch.eye(n, dtype=f.dtype, device=f.device) - torch.einsum("tcai,tcaj->tij", u, y)
-        q = spd_solve(s, torch.einsum("tcai,tca->ti", u, y0).unsqueeze(2), self.fallback).squeeze(2)
-        return y0 + torch.einsum("tcai,ti->tca", y, q)
+        s = torch.baddbmm(torch.eye(n, dtype=f.dtype, device=f.device), u.reshape(t, c * p1, n).transpose(1, 2),
+                          y.reshape(t, c * p1, n), alpha=-1.0)  # I - U' B^{-1} U
+        q = spd_solve(s, torch.bmm(u.reshape(t, c * p1, n).transpose(1, 2), y0.reshape(t, c * p1, 1)),
+                      self.fallback)
+        return y0 + torch.bmm(y.reshape(t * c, p1, n), q.repeat_interleave(c, 0)).reshape(t, c, p1)
 
 
 def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: float, form: str | None = None,
@@ -368,7 +396,7 @@ def _newton_loop(problem: HeadProblem, x: torch.Tensor, max_iter: int, tol: floa
     target = tol * gnorm.clamp_min(1.0)
     eps = 64.0 * torch.finfo(x.dtype).eps
     ts = 0.5 ** torch.arange(MAX_BACKTRACK, dtype=f64, device=x.device)
-    ts_x, armijo = ts.to(x.dtype), ARMIJO * ts
+    ts_x, armijo = ts.to(x.dtype), -ARMIJO * ts  # g(W - t D) <= g + armijo t slope
     it = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     stalled, floor = torch.zeros_like(it, dtype=torch.bool), torch.zeros_like(it, dtype=torch.bool)
     active = (gnorm > target) & (max_iter > 0)
@@ -382,17 +410,17 @@ def _newton_loop(problem: HeadProblem, x: torch.Tensor, max_iter: int, tol: floa
         g64 = at.value.to(f64)
         descent = slope > 0
         full = descent & (slope <= 2 * eps * g64.abs().clamp_min(1.0))
-        use_grad = ~descent
+        use_grad = ~descent  # then the direction is the gradient, its slope ||d g||^2
         d = torch.where(use_grad[:, None, None], grad, d)
-        slope = torch.where(use_grad, (grad * grad).sum((1, 2)).to(f64), slope)
-        ok = problem.values_along(x, d, ts_x, at).to(f64) <= g64[:, None] - armijo * slope[:, None]
+        slope = torch.where(use_grad, gnorm.square(), slope)
+        ok = problem.values_along(x, d, ts_x, at).to(f64) <= torch.addcmul(g64[:, None], slope[:, None], armijo)
         step = torch.where(full, 1.0, ts_x[ok.to(torch.int32).argmax(1)])
         xn = x - step[:, None, None] * d
         new = problem.point(xn)
         nn = new.grad.norm(dim=(1, 2)).to(f64)
-        hit_floor = active & full & ~(nn <= 0.5 * gnorm)
-        hit_stall = active & ~full & ~ok.any(1)
-        accept = active & ~hit_floor & ~hit_stall
+        good = torch.where(full, nn <= 0.5 * gnorm, ok.any(1))  # a full step must halve ||d g||; else Armijo
+        accept, missed = active & good, active & ~good
+        hit_floor, hit_stall = missed & full, missed & ~full
         x, at = torch.where(accept[:, None, None], xn, x), new  # a task not accepted is done: only its W and
         gnorm = torch.where(accept, nn, gnorm)  # ||d g|| are kept, the rest of `at` is never read for it again
         target = torch.where(hit_floor, gnorm, target)
