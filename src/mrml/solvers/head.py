@@ -387,6 +387,19 @@ def newton_heads(problem: HeadProblem, w0: torch.Tensor, max_iter: int, tol: flo
                              rows["stalled"].any(), rows=rows, floor=rows["floor"].any())
 
 
+_TRIALS: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _trials(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Armijo trials t = 1, 1/2, ..., 2^-(MAX_BACKTRACK-1) in `dtype`, and -ARMIJO t in float64 (made
+    once per dtype and device, in inference mode: read only by `_newton_loop`)."""
+    key = (dtype, torch.device(device))
+    if key not in _TRIALS:
+        ts = 0.5 ** torch.arange(MAX_BACKTRACK, dtype=torch.float64, device=device)
+        _TRIALS[key] = (ts.to(dtype), -ARMIJO * ts)  # g(W - t D) <= g + armijo t slope
+    return _TRIALS[key]
+
+
 def _newton_loop(problem: HeadProblem, x: torch.Tensor, max_iter: int, tol: float, form: str | None,
                  sync_every: int, hint: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`newton_heads`' iterations: the solution and the per-task rows."""
@@ -395,8 +408,7 @@ def _newton_loop(problem: HeadProblem, x: torch.Tensor, max_iter: int, tol: floa
     gnorm = at.grad.norm(dim=(1, 2)).to(f64)
     target = tol * gnorm.clamp_min(1.0)
     eps = 64.0 * torch.finfo(x.dtype).eps
-    ts = 0.5 ** torch.arange(MAX_BACKTRACK, dtype=f64, device=x.device)
-    ts_x, armijo = ts.to(x.dtype), -ARMIJO * ts  # g(W - t D) <= g + armijo t slope
+    ts_x, armijo = _trials(x.dtype, x.device)
     it = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     stalled, floor = torch.zeros_like(it, dtype=torch.bool), torch.zeros_like(it, dtype=torch.bool)
     active = (gnorm > target) & (max_iter > 0)
