@@ -201,7 +201,8 @@ class HeadProblem:
 
     def _onehot(self, c: int) -> torch.Tensor:
         """The targets one-hot (T, n, C) (classification)."""
-        return self._cached(("onehot", c), lambda: F.one_hot(self.targets, c).to(self.feats.dtype))
+        return self._cached(("onehot", c), lambda: (self.targets.unsqueeze(2) == torch.arange(
+            c, device=self.targets.device)).to(self.feats.dtype))
 
     def _ridge(self) -> bool:
         return isinstance(self.lam, torch.Tensor) or self.lam != 0
@@ -263,19 +264,18 @@ class HeadProblem:
         """g_t(W - s D) for every task and every s in `ts` (m,): (T, m), from one pass over the logits
         z(s) = z(W) - s F~ D' and the ridge term quadratic in s; `at` = point(W) if known."""
         zw = self.logits(w) if at is None else at.z
-        m = ts.shape[0]
-        z = zw.unsqueeze(1) - ts.view(1, m, 1, 1) * self.logits(d).unsqueeze(1)  # (T, m, n, C)
+        (t, n, c), m = zw.shape, ts.shape[0]
+        z = zw.unsqueeze(1) - ts.view(1, m, 1, 1) * self.logits(d).unsqueeze(1)  # (T, m, n, C): z(W) - s F~ D'
         if self.kind == "classification":
             idx = self._cached(("idx", m), lambda: self.targets[:, None, :, None].expand(-1, m, -1, 1))
-            value = (torch.logsumexp(z, dim=3) - z.gather(3, idx).squeeze(3)).mean(2)
+            value = (torch.logsumexp(z, dim=3, keepdim=True) - z.gather(3, idx)).mean((2, 3))
         else:
             value = (z - self.targets.unsqueeze(1)).pow(2).mean((2, 3))
-        if self._ridge():  # ||W - s D - W0||^2 = a0 - 2 s a1 + s^2 a2, for every s by one product
+        if self._ridge():  # (lam/2)||W - s D - W0||^2 = (lam/2)(a0 - 2 s a1 + s^2 a2), for every s by one product
             dw = self._dw(w)
             a0 = dw.pow(2).sum((1, 2)) if at is None or at.sq is None else at.sq
-            coef = torch.stack([a0, (dw * d).sum((1, 2)), d.pow(2).sum((1, 2))], dim=1)  # (T, 3)
-            quad = coef @ self._powers(ts)
-            value = value + 0.5 * self._lam(1) * quad
+            coef = torch.stack([a0, (dw * d).sum((1, 2)), d.pow(2).sum((1, 2))], dim=1) * (0.5 * self._lam(1))
+            value = torch.addmm(value, coef, self._powers(ts))
         return value
 
     def grad_dot(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -296,7 +296,8 @@ class HeadProblem:
         t, n, c = w.shape[0], self.feats.shape[1], w.shape[1]
         if self.kind == "classification":
             p = torch.softmax(self.logits(w), dim=2) if p is None else p
-            return (torch.diag_embed(p) - p.unsqueeze(3) * p.unsqueeze(2)) / n
+            eye = self._cached(("eye", c), lambda: torch.eye(c, dtype=self.feats.dtype, device=self.feats.device))
+            return p.unsqueeze(3) * (eye - p.unsqueeze(2)) / n  # (diag(p_i) - p_i p_i') / n
         return (2.0 / (n * c) * torch.eye(c, dtype=w.dtype, device=w.device)).expand(t, n, c, c)
 
     def hvp(self, w: torch.Tensor, v: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
@@ -337,10 +338,11 @@ class HeadProblem:
         t, n, p1 = self.feats.shape
         c = w.shape[1]
         if form == "dual":  # (lam I + K A) z = J B over (n, C)
-            s = (self._gram()[:, :, None, :, None] * a.permute(0, 2, 1, 3).unsqueeze(1)).reshape(t, n * c, n * c)
-            z = torch.linalg.solve_ex(s + self._shift(n * c), self.logits(b).reshape(t, n * c, 1))[0].reshape(t, n, c)
-            mz = torch.bmm(a.reshape(t * n, c, c), z.reshape(t * n, c, 1)).reshape(t, n, c)
-            return (b - torch.bmm(mz.transpose(1, 2), self.feats)) / self._lam(2)
+            s = torch.addcmul(self._shift(n * c).view(-1, n, c, n, c), self._gram()[:, :, None, :, None],
+                              a.permute(0, 2, 1, 3).unsqueeze(1)).view(t, n * c, n * c)  # lam I + K (x) A
+            z = torch.linalg.solve_ex(s, self.logits(b).reshape(t, n * c, 1))[0].view(t * n, c, 1)
+            mz = torch.bmm(a.reshape(t * n, c, c), z).view(t, n, c)
+            return torch.baddbmm(b, mz.transpose(1, 2), self.feats, alpha=-1.0) / self._lam(2)
         h = torch.einsum("tncd,tna,tnb->tcadb", a, self.feats, self.feats).reshape(t, c * p1, c * p1)
         return spd_solve(h + self._shift(c * p1), b.reshape(t, c * p1, 1), self.fallback).reshape(t, c, p1)
 
