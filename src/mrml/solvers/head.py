@@ -102,9 +102,9 @@ def solve_costs(kind: str, n: int, c: int, p1: int, fallback: str = "lu") -> dic
     nc, cp = n * c, c * p1
     costs = {"dual": 2 * nc**3 / 3 + 2 * nc * nc + 2 * n * n * p1,
              "primal": f * cp**3 / 3 + 2 * n * c * c * p1 * p1 + s * 2 * cp * cp}
-    if kind == "classification":  # blocks, B^{-1}[U | b], U'B^{-1}U, the n x n system
-        costs["woodbury"] = (f * c * p1**3 / 3 + 2 * n * c * p1**2 + s * 2 * c * p1**2 * (n + 1)
-                             + 2 * n * n * cp + f * n**3 / 3)
+    if kind == "classification":  # blocks, B^{-1}[U | b] (solved, or B^{-1} times it), U'B^{-1}U, the n x n system
+        rhs = s * 2 * c * p1**2 * (n + 1) if n + 1 <= p1 else s * 2 * c * p1**3 + 2 * c * p1**2 * (n + 1)
+        costs["woodbury"] = f * c * p1**3 / 3 + 2 * n * c * p1**2 + rhs + 2 * n * n * cp + f * n**3 / 3
     else:
         costs["woodbury"] = f * p1**3 / 3 + 2 * n * p1**2 + s * 2 * c * p1**2
     return costs
