@@ -204,3 +204,41 @@ def test_outer_parameters_hold_the_block_init_and_lambda():
     ids = {id(p) for p in learner.outer_parameters()}
     assert id(learner.model[2].weight) in ids and id(learner.log_l2) in ids
     assert math.isclose(learner.l2, 0.1)
+
+
+TINY = ["--dataset", "tiny", "--ways", "3", "--shots", "1", "--query", "2", "--meta-batch", "2", "--width", "4",
+        "--inner-steps", "2", "--val-every", "5", "--val-episodes", "1", "--test-episodes", "1", "--no-progress",
+        "--inner", "last-block", "--project-head"]
+
+
+def test_cli_trains_the_form_and_evaluates_it_with_and_without_last_block_adaptation(tmp_path, capsys):
+    import json
+
+    import mrml
+    from mrml.cli import main
+    from conftest import tiny_dataset
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--iterations", "2", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["project_head"], config["inner"]) == (True, "last-block")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("head_iterations" in r for r in records if r.get("split") == "train")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--episodes", "2", "--json"]) == 0
+    head = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run), "--episodes", "2", "--json", "--adapt", "last-block", "--adapt-steps", "2"]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert tuned["adapt"] == "last-block" and 0 <= tuned["accuracy"] <= 1 and 0 <= head["accuracy"] <= 1
+    loaded = mrml.load_run(run)
+    assert loaded.learner.projection is not None
+    assert loaded.evaluate(tiny_dataset(), episodes=2)["accuracy"] == head["accuracy"]
+
+
+def test_cli_refuses_the_batched_engine_in_one_line(tmp_path, capsys):
+    from mrml.cli import main
+
+    capsys.readouterr()
+    assert main(["train", *TINY, "--iterations", "1", "--task-chunk", "2", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--project-head runs per task" in err and "\n" not in err
