@@ -117,7 +117,8 @@ def test_plan_variants_and_skip():
     jobs = bench.plan(["mrml", "maml"], None, [1, 5], bench.parse_skip("maml:5", ["mrml", "maml"]))
     assert jobs[0] == ("floor", "default", None)
     assert {(a, v) for a, v, _ in jobs} == {("floor", "default"), ("mrml", "default"), ("mrml", "paper"), ("mrml", "recompute"), ("mrml", "last-block-newton"),
-                                            ("mrml", "last-block"), ("mrml", "all"), ("maml", "default")}
+                                            ("mrml", "last-block"), ("mrml", "all"), ("mrml", "last-block-projected"),
+                                            ("maml", "default")}
     assert ("maml", "default", 5) not in jobs and ("maml", "default", 1) in jobs
 
 

@@ -105,7 +105,7 @@ def test_old_flat_config_json_loads(tmp_path):
     assert isinstance(cfg.algo_settings, AlgoConfig)
     assert cfg.algo_settings.inner_steps == cfg.inner_steps == 3 and cfg.algo_settings.test_steps == 7
     assert cfg.ways == 3 and cfg.seed == 5 and cfg.width == 4
-    assert cfg.to_dict() == {**OLD_CONFIG, "prefetch": 2}  # the same flat keys and values written back, and
+    assert cfg.to_dict() == {**OLD_CONFIG, "prefetch": 2, "project_head": None}  # the same flat keys and values written back, and
     # the settings declared since with their defaults
     assert cfg.algo_config() == cfg.algo_settings and cfg.algo_config() is not cfg.algo_settings
     cfg.test_lr = 0.2  # flat writes reach the AlgoConfig

@@ -35,7 +35,8 @@ trunks do, one backward per task, tasks one at a time, then the optimizer step; 
 Variants: "default" (the efficient form: the trunk runs once per task), "paper" (mrml: Algorithm 1
 as written, K gradient steps and N CG steps, instead of the default exact solve), "recompute" (the
 paper-faithful form that re-runs the backbone in every inner step: mrml, anil, itd-bio), and for
-mrml "last-block" (last backbone block + head adapted) and "all" (the whole network: the iMAML form).
+mrml "last-block" (last backbone block + head adapted), "all" (the whole network: the iMAML form) and
+"last-block-projected" (`--project-head`: the head solved exactly, then K steps on last block + head).
 """
 from __future__ import annotations
 
@@ -66,10 +67,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "last-block": {"inner": "last-block"},
     "last-block-newton": {"inner": "last-block", "inner_solver": "newton"},  # exact (Newton-CG) solve of the proximal problem
     "all": {"inner": "all"},
+    # the meta-trained wider form: head solved exactly, K gd steps on last block + head, neumann K-step system
+    "last-block-projected": {"inner": "last-block", "project_head": True},
 }
 # variants beyond "default" that make sense for an algorithm (others: "default" only)
 APPLICABLE: dict[str, tuple[str, ...]] = {
-    "mrml": ("default", "paper", "recompute", "last-block", "last-block-newton", "all"),
+    "mrml": ("default", "paper", "recompute", "last-block", "last-block-newton", "all", "last-block-projected"),
     "anil": ("default", "recompute"),
     "itd-bio": ("default", "recompute"),
 }
@@ -452,7 +455,8 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     floor = next((r for r in records if r["algo"] == FLOOR), None)
     algos = list(dict.fromkeys(a for a, _ in series))
     colors = {a: f"C{i % 10}" for i, a in enumerate(algos)}
-    styles = {"default": ("-", "o"), "recompute": ("--", "s"), "last-block": (":", "^"), "all": ("-.", "D")}
+    styles = {"default": ("-", "o"), "recompute": ("--", "s"), "last-block": (":", "^"), "all": ("-.", "D"),
+              "last-block-projected": ("--", "v")}
     fig, axes = harness.two_panels((13, 5.6))
     for ax, key in zip(axes, ("peak_mb", "seconds")):
         label = harness.PANEL_LABELS[key]
@@ -639,7 +643,8 @@ def add_commands(subparsers: Any, commands: dict[str, Callable[[argparse.Namespa
                    "the floor is always measured")
     m.add_argument("--steps", default=DEFAULT_STEPS, help=f"comma-separated inner steps K (default {DEFAULT_STEPS})")
     m.add_argument("--variants", default=None, help="comma-separated: default, recompute (mrml, anil, itd-bio), "
-                   "paper, last-block, last-block-newton, all (mrml); default: every variant that applies")
+                   "paper, last-block, last-block-newton, all, last-block-projected (mrml); default: every variant "
+                   "that applies")
     m.add_argument("--skip", default=None, metavar="ALGO[/VARIANT]:K,...",
                    help="configurations not to measure, e.g. maml:100 (too slow on a small machine)")
     m.add_argument("--json", default=None, metavar="OUT.json", help="write settings, records and targets here")

@@ -31,6 +31,7 @@ class AlgoConfig:
         inner, inner_steps, inner_solver, inner_tol, inner_lr, plain_inner: the inner part y and how
             it is fitted (K steps at alpha, or an exact solve to a tolerance).
         l2, learn_l2, prox: the inner-loss strength lambda (learned or fixed) and its centre.
+        project_head: mrml's meta-trained wider form (`mrml.algorithms.projected`).
         implicit, cg_steps, cg_tol, warm_start: the linear system of the implicit hypergradient.
         first_order, recompute_features: forms of the unrolled baselines / the paper-faithful trunk.
         test_steps, test_lr: test-time adaptation of mrml, imaml and itd-bio; maml, fomaml, anil,
@@ -82,6 +83,11 @@ class AlgoConfig:
     prox: bool | None = setting(None, "proximal inner loss lam/2||y - y0||^2 with a learned centre y0 (default: "
                                       "iff the inner part goes beyond the last stage)",
                                 no_help="ridge inner loss (centre 0)")
+    project_head: bool | None = setting(
+        None, "mrml with a wider inner part (--inner last-block or all): solve its linear head exactly first "
+              "(variable projection), then K gradient steps on the whole part; the hypergradient of those K steps, "
+              "start included, by --implicit neumann (its default) or damped, in flat memory (see README)",
+        no_help="the wider part's plain gd form (K steps from the learned init, then the implicit system)")
     cg_steps: int = setting(20, "conjugate-gradient iterations N", range=ints(0, STEPS_MAX))
     cg_tol: float = setting(1e-10, "relative CG residual at which the solve stops early", range=floats(0, LR_MAX))
     warm_start: bool = setting(False, "keep each task's inner solution and CG vector across iterations (fixed "

@@ -151,6 +151,8 @@ class MetaAlgorithm(abc.ABC):
     default_learn_l2 = False
     #: whether predictions come from class prototypes of the trunk's embeddings (ProtoNet: no head)
     prototypes = False
+    #: whether `config.project_head` (the wider part with its head solved exactly) has a form here (mrml)
+    has_projected_form = False
 
     def __init__(self, model: nn.Module, loss: TaskLoss | str | Callable = "classification",
                  config: AlgoConfig | None = None, *, trunk: str | nn.Module | None = None,
@@ -195,8 +197,12 @@ class MetaAlgorithm(abc.ABC):
             raise UsageError(f"{self.name} accepts --inner-solver {' or '.join(self.inner_solvers)}"
                              + (f" (got {cfg.inner_solver!r}: it differentiates its gradient steps)" if known
                                 else f" (got {cfg.inner_solver!r})"))
-        if cfg.learn_l2 is None:  # learned by default only in the default form: exact solve of a linear head
-            cfg.learn_l2 = self.default_learn_l2 and cfg.inner_solver == "newton" and self.head is not None
+        if cfg.project_head and not self.has_projected_form:
+            raise UsageError(f"--project-head is a form of mrml, not of {self.name}: drop it")
+        if cfg.learn_l2 is None:  # learned by default only in the default form (exact solve of a linear head)
+            # and in mrml's wider form, whose head is solved exactly too (`projected`)
+            cfg.learn_l2 = self.default_learn_l2 and ((cfg.inner_solver == "newton" and self.head is not None)
+                                                      or bool(cfg.project_head))
         if cfg.inner_solver == "newton" and not cfg.l2 > 0:
             raise UsageError(f"--inner-solver newton needs --l2 > 0 (got {cfg.l2}): without it the inner problem "
                              "may have no minimiser; use --inner-solver gd for l2 = 0")
@@ -229,7 +235,7 @@ class MetaAlgorithm(abc.ABC):
     def outer_parameters(self) -> list[nn.Parameter]:
         """What the outer optimizer updates: everything but a fixed (not learned) inner init."""
         inner = {id(p) for p in self.split.inner_parameters()}
-        learned_init = self.learns_inner_init or self.prox
+        learned_init = self.learns_inner_init or self.prox or bool(self.config.project_head)
         params = [p for p in self.model.parameters() if learned_init or id(p) not in inner]
         return params + ([self.log_l2] if self.log_l2 is not None else [])
 

@@ -53,6 +53,7 @@ class IMAML(MRML):
     """
 
     name = "imaml"
+    has_projected_form = False
     learns_inner_init = True
     default_inner = "all"
     default_l2 = 2.0

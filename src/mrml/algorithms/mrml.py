@@ -32,6 +32,9 @@ The linear system (`config.implicit`):
 `config.learn_l2` makes lambda an outer variable (lambda = exp(s)): d Phi / d lambda = -<v, y - y0>,
 which the surrogate's backward already yields (its inner-gradient term holds lambda).
 
+`config.project_head` (inner part wider than the head): the head solved exactly first, then K gradient steps
+on the whole part, the K-step hypergradient by neumann or damped in flat memory (`mrml.algorithms.projected`).
+
 With a proximal inner loss (inner part wider than the head), the centre y0 is an outer variable and
 the same surrogate yields its gradient lam * v: this is iMAML's (I + H/lam)^{-1} d_y f.
 
@@ -57,6 +60,8 @@ from .batched import batched_meta_gradient
 from .exact_head import (centre_matrix, damping_shift, head_problem, head_step, implicit_solution,
                          step_records)
 from .guards import all_finite
+from .projected import Projection, make_projection
+from . import projected
 
 
 class MRML(MetaAlgorithm):
@@ -92,6 +97,7 @@ class MRML(MetaAlgorithm):
     has_batched_path = True
     inner_solvers = ("newton", "gd")
     can_learn_l2 = True
+    has_projected_form = True
     #: the default form, chosen on validation accuracy (README): exact solve, lambda learned from 0.1
     default_learn_l2 = True
     default_l2 = 0.1
@@ -100,7 +106,9 @@ class MRML(MetaAlgorithm):
         super().__init__(*args, **kwargs)
         cfg = self.config
         if cfg.implicit is None:
-            cfg.implicit = "direct" if self.head is not None else "cg"
+            cfg.implicit = "neumann" if cfg.project_head else "direct" if self.head is not None else "cg"
+        #: the wider form's split of the adapted part at its head (`config.project_head`; else None)
+        self.projection: Projection | None = make_projection(self) if cfg.project_head else None
         if cfg.implicit not in IMPLICIT_SYSTEMS:
             raise UsageError(f"--implicit must be one of {', '.join(IMPLICIT_SYSTEMS)} (got {cfg.implicit!r})")
         if cfg.implicit == "direct" and self.head is None:
@@ -234,7 +242,17 @@ class MRML(MetaAlgorithm):
                     self._warm[t] = (self.head.params(step.w[c].clone()), self.head.to_flat(step.v[c]).clone())
         return [StepStats(loss, acc, extra) for loss, acc, extra in step_records(self, step, qy)]
 
+    def adapted_inner(self, xa: Params, fs: Any, ys: torch.Tensor) -> Params:
+        """The test-time inner solution; the wider form (`project_head`): its head solved, then `test_steps`
+        gradient steps at `test_lr` (`projected.adapted_inner`)."""
+        if self.projection is None:
+            return super().adapted_inner(xa, fs, ys)
+        cfg = self.config
+        return projected.adapted_inner(self, self.projection, xa, fs, ys, cfg.test_steps, cfg.test_lr)
+
     def task_gradient(self, ep: Episode, scale: float, task_id: Any = None) -> StepStats:
+        if self.projection is not None:
+            return projected.task_gradient(self, self.projection, ep, scale)
         cfg, split = self.config, self.split
         fs, fq = split.features(ep.support_x), split.features(ep.query_x)  # with gradient, once
         if self.exact_head:
