@@ -157,6 +157,15 @@ def test_damped_estimate_is_close_at_defaults():
     assert float((g - r).norm() / r.norm()) < 0.15
 
 
+def test_cg_takes_y_k_as_the_inner_solution():
+    """implicit cg: v = H^{-1} d_y f at y_K, so the start's share a0 = d_y f - H v (the reported residual) vanishes."""
+    learner = MRML(tiny_model(), "classification", AlgoConfig(inner="last-block", project_head=True, implicit="cg",
+                                                              inner_steps=200, l2=1.0))
+    stats = learner.meta_gradient(episodes(2))
+    assert stats.extra["cg_residual"] < 1e-8
+    assert all(torch.isfinite(p.grad).all() for p in learner.model.parameters() if p.grad is not None)
+
+
 def test_test_time_adaptation_solves_the_head_then_takes_the_steps():
     """adapted_parameters: the head solved at the block's init, then test_steps gradient steps (here 0: the head's
     optimum, gradient zero in the head)."""
