@@ -118,8 +118,9 @@ def test_plan_variants_and_skip():
     assert jobs[0] == ("floor", "default", None)
     assert {(a, v) for a, v, _ in jobs} == {("floor", "default"), ("mrml", "default"), ("mrml", "paper"), ("mrml", "recompute"), ("mrml", "last-block-newton"),
                                             ("mrml", "last-block"), ("mrml", "all"), ("mrml", "last-block-projected"),
-                                            ("maml", "default")}
+                                            ("maml", "default"), ("maml", "last-block")}
     assert ("maml", "default", 5) not in jobs and ("maml", "default", 1) in jobs
+    assert ("maml", "last-block", 5) not in jobs and ("maml", "last-block", 1) in jobs
 
 
 def test_child_usage():

@@ -73,8 +73,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # variants beyond "default" that make sense for an algorithm (others: "default" only)
 APPLICABLE: dict[str, tuple[str, ...]] = {
     "mrml": ("default", "paper", "recompute", "last-block", "last-block-newton", "all", "last-block-projected"),
-    "anil": ("default", "recompute"),
+    "anil": ("default", "recompute", "last-block"),
     "itd-bio": ("default", "recompute"),
+    "maml": ("default", "last-block"),  # last-block: the unrolled baselines adapting what --project-head adapts
 }
 FLOOR = "floor"
 SYNTHETIC = "synthetic"
