@@ -60,7 +60,6 @@ from .batched import batched_meta_gradient
 from .exact_head import (centre_matrix, damping_shift, head_problem, head_step, implicit_solution,
                          step_records)
 from .guards import all_finite
-from .projected import Projection, make_projection
 from . import projected
 
 
@@ -108,7 +107,7 @@ class MRML(MetaAlgorithm):
         if cfg.implicit is None:
             cfg.implicit = "neumann" if cfg.project_head else "direct" if self.head is not None else "cg"
         #: the wider form's split of the adapted part at its head (`config.project_head`; else None)
-        self.projection: Projection | None = make_projection(self) if cfg.project_head else None
+        self.projection: projected.Projection | None = projected.make_projection(self) if cfg.project_head else None
         if cfg.implicit not in IMPLICIT_SYSTEMS:
             raise UsageError(f"--implicit must be one of {', '.join(IMPLICIT_SYSTEMS)} (got {cfg.implicit!r})")
         if cfg.implicit == "direct" and self.head is None:

@@ -17,8 +17,7 @@ import matplotlib
 import numpy as np
 
 from .base import SPLITS
-from .glyphs import _RANGES, SCRIPT_SPLIT, SHIPPED, class_name, read_split  # noqa: F401 (the reading side)
-from .glyphs import file_split_ids as split_ids  # noqa: F401
+from .glyphs import _RANGES, SCRIPT_SPLIT, class_name  # the reading side (read_split, file_split_ids) is in glyphs
 
 # Script families (Unicode blocks of `glyphs._RANGES`) of the validation and test splits of
 # `glyphs:scripts`; every other block is meta-trained on.

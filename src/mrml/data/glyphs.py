@@ -244,7 +244,6 @@ SCRIPT_SPLIT = Path(__file__).parent / "splits" / "glyphs_scripts.json"
 SHIPPED = {"glyphs:scripts": SCRIPT_SPLIT}  # short names of the shipped split files (mrml.data.glyph_splits)
 
 
-
 def read_split(split_file: str | Path) -> ClassSplit:
     """The split file (or shipped short name) checked for shape: three non-empty, class-disjoint lists."""
     text = str(split_file)

@@ -131,9 +131,7 @@ class HeadProblem:
     lam: torch.Tensor | float  # float, 0-d tensor or (T,) tensor (a tensor when learned)
     centre: torch.Tensor | None = None  # W0: (T, C, d+1) (None: 0)
     fallback: str = "lu"  # see spd_solve
-    _kernel: torch.Tensor | None = field(default=None, init=False, repr=False)  # F~ F~', on first dual solve
     _forms: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # `form`'s choice per C
-    _shifts: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # lam I per size
     _cache: dict[tuple, Any] = field(default_factory=dict, init=False, repr=False)  # see `_cached`
 
     def __post_init__(self) -> None:
@@ -172,20 +170,19 @@ class HeadProblem:
 
     def _shift(self, k: int) -> torch.Tensor:
         """lam I_k per task, (T or 1, k, k), made once per size."""
-        if k not in self._shifts:
+        def make() -> torch.Tensor:
             eye = torch.eye(k, dtype=self.feats.dtype, device=self.feats.device)
-            self._shifts[k] = self._lam(2) * eye if isinstance(self.lam, torch.Tensor) else eye * self.lam
-        return self._shifts[k]
+            return self._lam(2) * eye if isinstance(self.lam, torch.Tensor) else eye * self.lam
+
+        return self._cached(("shift", k), make)
 
     def _gram(self) -> torch.Tensor:
         """K = F~ F~' per task (T, n, n), made once."""
-        if self._kernel is None:
-            self._kernel = torch.bmm(self.feats, self.feats.transpose(1, 2))
-        return self._kernel
+        return self._cached(("gram",), lambda: torch.bmm(self.feats, self.feats.transpose(1, 2)))
 
     def _cached(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A constant of this problem (target indices, one-hot rows), made once, as a normal tensor even
-        when first asked for in inference mode (Newton's), so that later graphs may use it."""
+        """A constant of this problem (lam I, F~ F~', target indices, one-hot rows), made once, as a normal
+        tensor even when first asked for in inference mode (Newton's), so that later graphs may use it."""
         if key not in self._cache:
             with torch.inference_mode(False):
                 self._cache[key] = make()
@@ -264,7 +261,7 @@ class HeadProblem:
         """g_t(W - s D) for every task and every s in `ts` (m,): (T, m), from one pass over the logits
         z(s) = z(W) - s F~ D' and the ridge term quadratic in s; `at` = point(W) if known."""
         zw = self.logits(w) if at is None else at.z
-        (t, n, c), m = zw.shape, ts.shape[0]
+        m = ts.shape[0]
         z = zw.unsqueeze(1) - ts.view(1, m, 1, 1) * self.logits(d).unsqueeze(1)  # (T, m, n, C): z(W) - s F~ D'
         if self.kind == "classification":
             idx = self._cached(("idx", m), lambda: self.targets[:, None, :, None].expand(-1, m, -1, 1))
@@ -361,10 +358,9 @@ class HeadProblem:
         else:
             sol = spd_solve(blocks, ub, self.fallback)
         y, y0 = sol[..., :n], sol[..., n]  # B^{-1} U, B^{-1} B
-        s = torch.baddbmm(torch.eye(n, dtype=f.dtype, device=f.device), u.reshape(t, c * p1, n).transpose(1, 2),
-                          y.reshape(t, c * p1, n), alpha=-1.0)  # I - U' B^{-1} U
-        q = spd_solve(s, torch.bmm(u.reshape(t, c * p1, n).transpose(1, 2), y0.reshape(t, c * p1, 1)),
-                      self.fallback)
+        ut = u.reshape(t, c * p1, n).transpose(1, 2)  # U' (T, n, C (d+1))
+        s = torch.baddbmm(torch.eye(n, dtype=f.dtype, device=f.device), ut, y.reshape(t, c * p1, n), alpha=-1.0)
+        q = spd_solve(s, torch.bmm(ut, y0.reshape(t, c * p1, 1)), self.fallback)  # S^{-1} U' B^{-1} B
         return y0 + torch.bmm(y.reshape(t * c, p1, n), q.repeat_interleave(c, 0)).reshape(t, c, p1)
 
 
