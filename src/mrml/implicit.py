@@ -11,6 +11,7 @@ tuples of tensors).
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -49,6 +50,26 @@ class CGInfo:
     def __repr__(self) -> str:
         return (f"CGInfo(iterations={self.iterations}, residual={self.residual}, converged={self.converged}, "
                 f"nonpositive_curvature={self.nonpositive_curvature})")
+
+
+class RecentMax:
+    """The most iterations among the last `window` solves (`push` one solve's most, get the new hint):
+    where the next solve's host checks start (`conjugate_gradient`'s `hint`). Counts that move by an
+    iteration or two from solve to solve then cost one check, not two or three; a solve needing fewer
+    iterations runs the extra ones masked (no result changes).
+
+    Example:
+        >>> h = RecentMax(window=2)
+        >>> h.push(9), h.push(12), h.push(10), h.push(8)
+        (9, 12, 12, 10)
+    """
+
+    def __init__(self, window: int = 8):
+        self._recent: deque[int] = deque(maxlen=window)
+
+    def push(self, count: int) -> int:
+        self._recent.append(int(count))
+        return max(self._recent)
 
 
 def conjugate_gradient(

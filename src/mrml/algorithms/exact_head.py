@@ -46,13 +46,14 @@ def closed_form_head(split: ModelSplit, kind: str) -> bool:
 @dataclass
 class HeadStep:
     """What `head_step` leaves besides `.grad`: the solved heads W (T, C, d+1), the system's solutions
-    V (same shape), the query predictions (T, n, C), and the statistics as one (len(STAT_KEYS), T)
-    tensor (no host read yet)."""
+    V (same shape), the query predictions (T, n, C), and the statistics as one (rows, T) tensor (no
+    host read yet): STAT_KEYS, then the query accuracy (when `accuracy`), then lambda (when learned)."""
 
     w: torch.Tensor
     v: torch.Tensor
     pred: torch.Tensor
     table: torch.Tensor
+    accuracy: bool
 
 
 def centre_matrix(algo: "MetaAlgorithm", centre: Params | None, t: int) -> torch.Tensor | None:
@@ -98,8 +99,10 @@ def implicit_solution(algo: "MRML", problem: HeadProblem, w: torch.Tensor, b: to
     """V ~ H^{-1} B per task by `config.implicit`; returns (V, iterations, relative residual, bad) per task."""
     cfg, t = algo.config, w.shape[0]
     if cfg.implicit == "direct":
-        v = problem.solve(w, b)
-        resid = (problem.hvp(w, v) - b).norm(dim=(1, 2)) / b.norm(dim=(1, 2)).clamp_min(torch.finfo(b.dtype).tiny)
+        p = problem.probabilities(w)
+        a = problem.weights(w, p)
+        v = problem.solve(w, b, a=a, p=p)
+        resid = (problem.hvp(w, v, a) - b).norm(dim=(1, 2)) / b.norm(dim=(1, 2)).clamp_min(torch.finfo(b.dtype).tiny)
         zero = torch.zeros(t, dtype=torch.long, device=w.device)
         return v, zero, resid, zero.bool()
     a = problem.weights(w)
@@ -138,38 +141,38 @@ def head_step(algo: "MRML", fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor
     lam = algo.l2_attached()
     inner = head_problem(algo, fs.detach(), sy, algo.l2_value(), stacked_centre(algo, False, t))
     w, info = newton_heads(inner, w0.detach(), cfg.inner_steps, cfg.inner_tol, hint=algo.newton_hint)
+    query = head_problem(algo, fq, qy, 0.0, None)  # attached features, read without graph first
     with torch.inference_mode():  # no graph: the query gradient and the system (v cloned out: a normal tensor)
-        b = head_problem(algo, fq.detach(), qy, 0.0, None).data_value_grad(w)[1]
+        b = query.data_value_grad(w)[1]
         v, cg_its, resid, bad = implicit_solution(algo, inner, w, b, v0)
     v = v.clone()
 
     attached = head_problem(algo, fs, sy, lam, stacked_centre(algo, True, t))
     mixed = attached.grad_dot(w, v)
-    f, pred = head_problem(algo, fq, qy, 0.0, None).data_value(w)
+    f, pred = query.data_value(w)
     (scale * (f - mixed).sum()).backward()
-    dt = f.dtype
-    r = info.rows
-    table = torch.stack([f.detach(), cg_its.to(dt), resid.to(dt), bad.to(dt), r["iterations"].to(dt),
-                         r["grad_norm"].to(dt), r["capped"].to(dt), r["stalled"].to(dt), r["floor"].to(dt)])
-    return HeadStep(w, v, pred.detach(), table)
-
-
-def step_records(algo: "MRML", step: HeadStep, qy: torch.Tensor) -> list[tuple[float, float | None, dict[str, Any]]]:
-    """(loss, accuracy, extra) per task from one host read of the stacked statistics."""
-    accs = algo.loss.accuracies(step.pred, qy)
-    extra_rows = [] if accs is None else [accs.to(step.table.dtype)]
+    pred, r = pred.detach(), info.rows
+    rows = [f.detach(), cg_its, resid, bad, r["iterations"], r["grad_norm"], r["capped"], r["stalled"], r["floor"]]
+    accs = algo.loss.accuracies(pred, qy)
+    if accs is not None:
+        rows.append(accs)
     if algo.log_l2 is not None:
-        extra_rows.append(torch.as_tensor(algo.l2_value()).to(step.table.dtype).expand(step.table.shape[1]))
-    rows = torch.cat([step.table, *(r.unsqueeze(0) for r in extra_rows)]).tolist()  # the one host read
+        rows.append(torch.as_tensor(algo.l2_value()).detach().expand(t))
+    return HeadStep(w, v, pred, torch.stack(rows), accs is not None)  # one dtype by promotion (no casts)
+
+
+def step_records(algo: "MRML", step: HeadStep) -> list[tuple[float, float | None, dict[str, Any]]]:
+    """(loss, accuracy, extra) per task from one host read of the stacked statistics."""
+    rows = step.table.tolist()  # the one host read
     k = len(STAT_KEYS)
     algo.newton_hint = int(max(rows[STAT_KEYS.index("inner_iterations")]))  # where the next solves check first
     if algo.config.implicit in ("cg", "damped"):
-        algo.cg_hint = int(max(rows[STAT_KEYS.index("cg_iterations")]))
+        algo.cg_hint = algo.cg_recent.push(int(max(rows[STAT_KEYS.index("cg_iterations")])))
     out = []
     for i in range(step.table.shape[1]):
         extra = {key: float(rows[j][i]) for j, key in enumerate(STAT_KEYS) if key != "loss"}
         extra["inner_lr"] = float(algo.config.inner_lr)
         if algo.log_l2 is not None:
             extra["l2"] = rows[-1][i]
-        out.append((rows[0][i], rows[k][i] if accs is not None else None, extra))
+        out.append((rows[0][i], rows[k][i] if step.accuracy else None, extra))
     return out

@@ -52,7 +52,7 @@ import torch
 from .. import functional as fn
 from ..data.base import Episode
 from ..errors import NonFiniteError, UsageError
-from ..implicit import CGInfo
+from ..implicit import CGInfo, RecentMax
 from ..models.split import Params
 from ..pytree import detach
 from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, host_floats
@@ -122,6 +122,7 @@ class MRML(MetaAlgorithm):
         #: (their host checks start there; None: every iteration)
         self.newton_hint: int | None = None
         self.cg_hint: int | None = None
+        self.cg_recent = RecentMax()  # CG's hint: the most iterations of the last solves
 
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
                       scale: float | None = None, *, accumulate: bool = False,
@@ -239,7 +240,7 @@ class MRML(MetaAlgorithm):
             for c, t in enumerate(ids):
                 if t is not None:
                     self._warm[t] = (self.head.params(step.w[c].clone()), self.head.to_flat(step.v[c]).clone())
-        return [StepStats(loss, acc, extra) for loss, acc, extra in step_records(self, step, qy)]
+        return [StepStats(loss, acc, extra) for loss, acc, extra in step_records(self, step)]
 
     def adapted_inner(self, xa: Params, fs: Any, ys: torch.Tensor) -> Params:
         """The test-time inner solution; the wider form (`project_head`): its head solved, then `test_steps`
@@ -283,7 +284,7 @@ class MRML(MetaAlgorithm):
         if accs is not None:
             stats["accuracy"] = accs
         stats = host_floats(stats)  # one host read
-        self.cg_hint = int(stats["cg_iterations"])
+        self.cg_hint = self.cg_recent.push(int(stats["cg_iterations"]))
         loss, acc = stats.pop("loss"), stats.pop("accuracy", None)
         return StepStats(loss, acc, stats)
 

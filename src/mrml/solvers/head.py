@@ -110,6 +110,11 @@ def solve_costs(kind: str, n: int, c: int, p1: int, fallback: str = "lu") -> dic
     return costs
 
 
+def _axpy(y: torch.Tensor, lam: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """y + lam x in one operation (lam a float, or a tensor broadcastable against x)."""
+    return torch.addcmul(y, lam, x) if isinstance(lam, torch.Tensor) else torch.add(y, x, alpha=lam)
+
+
 class HeadPoint(NamedTuple):
     """g at one W per task, with what Newton reuses: value (T,), gradient (T, C, d+1), logits (T, n, C),
     probabilities (T, n, C; None for regression), ||W - W0||^2 (T,; None without a ridge term)."""
@@ -188,13 +193,19 @@ class HeadProblem:
                 self._cache[key] = make()
         return self._cache[key]
 
-    def _powers(self, ts: torch.Tensor) -> torch.Tensor:
-        """(3, m): 1, -2 s, s^2 for the step sizes `ts` (m,), kept for the last `ts` given."""
-        hit = self._cache.get(("powers",))
+    def _trial_terms(self, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the step sizes `ts` (m,): -s (m,) and the powers 1, -2 s, s^2 (3, m), kept for the last `ts` given."""
+        hit = self._cache.get(("trials",))
         if hit is None or hit[0] is not ts:
-            hit = (ts, torch.stack([torch.ones_like(ts), -2.0 * ts, ts * ts]))
-            self._cache[("powers",)] = hit
-        return hit[1]
+            hit = (ts, ts.neg(), torch.stack([torch.ones_like(ts), -2.0 * ts, ts * ts]))
+            self._cache[("trials",)] = hit
+        return hit[1], hit[2]
+
+    def _half_lam(self, k: int) -> torch.Tensor | float:
+        """lam / 2 as `_lam(k)` gives lam (made once per k)."""
+        if not isinstance(self.lam, torch.Tensor):
+            return 0.5 * self.lam
+        return self._cached(("half_lam", k), lambda: 0.5 * self._lam(k))
 
     def _onehot(self, c: int) -> torch.Tensor:
         """The targets one-hot (T, n, C) (classification)."""
@@ -253,26 +264,28 @@ class HeadProblem:
         if self._ridge():
             dw = self._dw(w)
             sq = dw.pow(2).sum((1, 2))
-            value = value + 0.5 * self._lam(0) * sq
-            grad = grad + self._lam(2) * dw
+            value, grad = _axpy(value, self._half_lam(0), sq), _axpy(grad, self._lam(2), dw)
         return HeadPoint(value, grad, z, p, sq)
 
     def values_along(self, w: torch.Tensor, d: torch.Tensor, ts: torch.Tensor, at: HeadPoint | None = None) -> torch.Tensor:
         """g_t(W - s D) for every task and every s in `ts` (m,): (T, m), from one pass over the logits
-        z(s) = z(W) - s F~ D' and the ridge term quadratic in s; `at` = point(W) if known."""
+        z(s) = z(W) - s F~ D' (laid out (T, n, C, m): the reductions over the classes run along the
+        trials) and the ridge term quadratic in s; `at` = point(W) if known."""
         zw = self.logits(w) if at is None else at.z
-        m = ts.shape[0]
-        z = zw.unsqueeze(1) - ts.view(1, m, 1, 1) * self.logits(d).unsqueeze(1)  # (T, m, n, C): z(W) - s F~ D'
+        m, (neg_ts, powers) = ts.shape[0], self._trial_terms(ts)
+        z = torch.addcmul(zw.unsqueeze(3), self.logits(d).unsqueeze(3), neg_ts)  # (T, n, C, m)
         if self.kind == "classification":
-            idx = self._cached(("idx", m), lambda: self.targets[:, None, :, None].expand(-1, m, -1, 1))
-            value = (torch.logsumexp(z, dim=3, keepdim=True) - z.gather(3, idx)).mean((2, 3))
+            top = z.amax(2, keepdim=True)
+            lse = (z - top).exp_().sum(2, keepdim=True).log_().add_(top)
+            idx = self._cached(("idx", m), lambda: self.targets[:, :, None, None].expand(-1, -1, 1, m))
+            value = (lse - z.gather(2, idx)).mean((1, 2))
         else:
-            value = (z - self.targets.unsqueeze(1)).pow(2).mean((2, 3))
+            value = (z - self.targets.unsqueeze(3)).pow(2).mean((1, 2))
         if self._ridge():  # (lam/2)||W - s D - W0||^2 = (lam/2)(a0 - 2 s a1 + s^2 a2), for every s by one product
-            dw = self._dw(w)
+            t, dw = d.shape[0], self._dw(w)
             a0 = dw.pow(2).sum((1, 2)) if at is None or at.sq is None else at.sq
-            coef = torch.stack([a0, (dw * d).sum((1, 2)), d.pow(2).sum((1, 2))], dim=1) * (0.5 * self._lam(1))
-            value = torch.addmm(value, coef, self._powers(ts))
+            a12 = torch.bmm(torch.stack([dw, d], 1).view(t, 2, -1), d.view(t, -1, 1)).view(t, 2)  # <dw, d>, ||d||^2
+            value = torch.addmm(value, torch.cat([a0.view(t, 1), a12], 1) * self._half_lam(1), powers)
         return value
 
     def grad_dot(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -287,12 +300,16 @@ class HeadProblem:
         return data + self._lam(0) * (self._dw(w) * v).sum((1, 2))
 
     # -- curvature ----------------------------------------------------------------------------------
+    def probabilities(self, w: torch.Tensor) -> torch.Tensor | None:
+        """softmax(F~ W') per task (T, n, C) for classification; None for regression."""
+        return torch.softmax(self.logits(w), dim=2) if self.kind == "classification" else None
+
     def weights(self, w: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
         """A_i per task (T, n, C, C): the curvature of the loss in the logits, scaled by the mean; `p`
         = the probabilities at W if known (classification)."""
         t, n, c = w.shape[0], self.feats.shape[1], w.shape[1]
         if self.kind == "classification":
-            p = torch.softmax(self.logits(w), dim=2) if p is None else p
+            p = self.probabilities(w) if p is None else p
             eye = self._cached(("eye", c), lambda: torch.eye(c, dtype=self.feats.dtype, device=self.feats.device))
             return p.unsqueeze(3) * (eye - p.unsqueeze(2)) / n  # (diag(p_i) - p_i p_i') / n
         return (2.0 / (n * c) * torch.eye(c, dtype=w.dtype, device=w.device)).expand(t, n, c, c)
@@ -300,8 +317,9 @@ class HeadProblem:
     def hvp(self, w: torch.Tensor, v: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
         """H V per task at W (V: T x C x (d+1)); `a` = weights(w) if known."""
         a = self.weights(w) if a is None else a
-        mu = torch.einsum("tncd,tnd->tnc", a, self.logits(v))  # M J V
-        return mu.transpose(1, 2) @ self.feats + self._lam(2) * v
+        t, n, c, _ = a.shape
+        mu = torch.bmm(a.reshape(t * n, c, c), self.logits(v).view(t * n, c, 1)).view(t, n, c)  # M J V
+        return _axpy(torch.bmm(mu.transpose(1, 2), self.feats), self._lam(2), v)
 
     def prepare(self, c: int, form: str | None = None) -> None:
         """Make the caches that `solve` by `form` (None: the cheapest) for C classes reads: F~ F~' and lam I."""
@@ -349,7 +367,7 @@ class HeadProblem:
         if self.kind == "regression":  # H = I_C (x) (2/(n C) F~'F~ + lam I)
             blk = 2.0 / (n * c) * (f.transpose(1, 2) @ f) + self._lam(2) * eye
             return spd_solve(blk, b.transpose(1, 2), self.fallback).transpose(1, 2)
-        p = torch.softmax(self.logits(w), dim=2) if p is None else p  # (T, n, C)
+        p = self.probabilities(w) if p is None else p  # (T, n, C)
         blocks = torch.einsum("tnc,tna,tnb->tcab", p / n, f, f) + self._lam(3) * eye  # B_c
         u = p.transpose(1, 2).unsqueeze(2) * f.transpose(1, 2).unsqueeze(1) / math.sqrt(n)  # (T, C, p1, n)
         ub = torch.cat([u, b.unsqueeze(3)], dim=3)
@@ -405,36 +423,37 @@ def _newton_loop(problem: HeadProblem, x: torch.Tensor, max_iter: int, tol: floa
     at = problem.point(x)
     gnorm = at.grad.norm(dim=(1, 2)).to(f64)
     target = tol * gnorm.clamp_min(1.0)
-    eps = 64.0 * torch.finfo(x.dtype).eps
+    eps2 = 2 * 64.0 * torch.finfo(x.dtype).eps
     ts_x, armijo = _trials(x.dtype, x.device)
     it = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     stalled, floor = torch.zeros_like(it, dtype=torch.bool), torch.zeros_like(it, dtype=torch.bool)
     active = (gnorm > target) & (max_iter > 0)
     checks = None if hint is None else {max(hint, 0) + 2**j - 1 for j in range(max(max_iter, 1).bit_length() + 1)}
-    for k in range(max_iter):
+    for k in range(max_iter):  # after iteration k, it <= k + 1: no task is active past max_iter
         if (k in checks if checks is not None else sync_every and k % sync_every == 0) and not bool(active.any()):
             break
         grad = at.grad
         d = problem.solve(x, grad, form=form, p=at.p)
         slope = (grad * d).sum((1, 2)).to(f64)
-        g64 = at.value.to(f64)
+        g64 = at.value.to(f64)  # g >= 0 (up to rounding): max(1, g) needs no abs
         descent = slope > 0
-        full = descent & (slope <= 2 * eps * g64.abs().clamp_min(1.0))
-        use_grad = ~descent  # then the direction is the gradient, its slope ||d g||^2
-        d = torch.where(use_grad[:, None, None], grad, d)
-        slope = torch.where(use_grad, gnorm.square(), slope)
-        ok = problem.values_along(x, d, ts_x, at).to(f64) <= torch.addcmul(g64[:, None], slope[:, None], armijo)
-        step = torch.where(full, 1.0, ts_x[ok.to(torch.int32).argmax(1)])
-        xn = x - step[:, None, None] * d
+        full = descent & (slope <= eps2 * g64.clamp_min(1.0))
+        d = torch.where(descent.view(-1, 1, 1), d, grad)  # not a descent direction: the gradient, slope ||d g||^2
+        slope = torch.where(descent, slope, gnorm.square())
+        ok = problem.values_along(x, d, ts_x, at).to(f64) <= torch.addcmul(g64.view(-1, 1), slope.view(-1, 1), armijo)
+        found = (ok * ts_x).amax(1)  # the largest trial that decreases g enough (t decreasing), 0 if none
+        xn = torch.addcmul(x, torch.where(full, 1.0, found).view(-1, 1, 1), d, value=-1.0)
         new = problem.point(xn)
         nn = new.grad.norm(dim=(1, 2)).to(f64)
-        good = torch.where(full, nn <= 0.5 * gnorm, ok.any(1))  # a full step must halve ||d g||; else Armijo
-        accept, missed = active & good, active & ~good
-        hit_floor, hit_stall = missed & full, missed & ~full
-        x, at = torch.where(accept[:, None, None], xn, x), new  # a task not accepted is done: only its W and
+        good = torch.where(full, nn <= 0.5 * gnorm, found > 0)  # a full step must halve ||d g||; else Armijo
+        accept = active & good
+        missed = active ^ accept
+        hit_floor = missed & full
+        floor |= hit_floor
+        stalled |= missed ^ hit_floor
+        x, at = torch.where(accept.view(-1, 1, 1), xn, x), new  # a task not accepted is done: only its W and
         gnorm = torch.where(accept, nn, gnorm)  # ||d g|| are kept, the rest of `at` is never read for it again
-        target = torch.where(hit_floor, gnorm, target)
-        it, floor, stalled = it + accept.long(), floor | hit_floor, stalled | hit_stall
-        active = accept & (gnorm > target) & (it < max_iter)
-    capped = (gnorm > target) & ~stalled
+        it = it + accept
+        active = accept & (gnorm > target)
+    capped = (gnorm > target) & ~(stalled | floor)
     return x, {"iterations": it, "grad_norm": gnorm, "capped": capped, "stalled": stalled, "floor": floor}
