@@ -138,27 +138,49 @@ def head_step(algo: "MRML", fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor
     """
     cfg, t = algo.config, fs.shape[0]
     algo.last_inner_lr = cfg.inner_lr  # Newton takes no step size; the damped/neumann systems read it
-    lam = algo.l2_attached()
     inner = head_problem(algo, fs.detach(), sy, algo.l2_value(), stacked_centre(algo, False, t))
     w, info = newton_heads(inner, w0.detach(), cfg.inner_steps, cfg.inner_tol, hint=algo.newton_hint)
-    query = head_problem(algo, fq, qy, 0.0, None)  # attached features, read without graph first
-    with torch.inference_mode():  # no graph: the query gradient and the system (v cloned out: a normal tensor)
-        b = query.data_value_grad(w)[1]
-        v, cg_its, resid, bad = implicit_solution(algo, inner, w, b, v0)
-    v = v.clone()
-
-    attached = head_problem(algo, fs, sy, lam, stacked_centre(algo, True, t))
-    mixed = attached.grad_dot(w, v)
-    f, pred = query.data_value(w)
-    (scale * (f - mixed).sum()).backward()
-    pred, r = pred.detach(), info.rows
-    rows = [f.detach(), cg_its, resid, bad, r["iterations"], r["grad_norm"], r["capped"], r["stalled"], r["floor"]]
+    query = head_problem(algo, fq.detach(), qy, 0.0, None)
+    with torch.inference_mode():  # no graph: the query loss and gradient, the system (v cloned out: a normal tensor)
+        pred = query.logits(w)
+        f, rq, _ = query.logit_terms(pred)
+        v, cg_its, resid, bad = implicit_solution(algo, inner, w, torch.bmm(rq.transpose(1, 2), query.feats), v0)
+    v, pred = v.clone(), pred.clone()
+    backpropagate_surrogate(algo, inner, fs, fq, w, v, rq, scale)
+    r = info.rows
+    rows = [f, cg_its, resid, bad, r["iterations"], r["grad_norm"], r["capped"], r["stalled"], r["floor"]]
     accs = algo.loss.accuracies(pred, qy)
     if accs is not None:
         rows.append(accs)
     if algo.log_l2 is not None:
         rows.append(torch.as_tensor(algo.l2_value()).detach().expand(t))
     return HeadStep(w, v, pred, torch.stack(rows), accs is not None)  # one dtype by promotion (no casts)
+
+
+def backpropagate_surrogate(algo: "MRML", inner: HeadProblem, fs: torch.Tensor, fq: torch.Tensor, w: torch.Tensor,
+                            v: torch.Tensor, rq: torch.Tensor, scale: float) -> None:
+    """Backpropagate sum_t scale (f_t(W_t) - <d_W g_t(W_t), V_t>) -- W, V constant -- from its gradients in
+    closed form: in the query features scale R_q W (R_q: d f / d logits), in the support features
+    -scale d<d_W g, V>/dF~ (`HeadProblem.feature_grads`), in lambda (when learned) -scale <W - W0, V>
+    and in a proximal centre scale lam V: one backward pass, no graph of the head."""
+    t, lam, centre = w.shape[0], algo.l2_attached(), stacked_centre(algo, True, w.shape[0])
+    outs: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+    with torch.no_grad():
+        for feats, g in ((fs, inner.feature_grads(w, v) * -scale), (fq, torch.bmm(rq, w) * scale)):
+            if feats.requires_grad:
+                flat = feats.reshape(t, feats.shape[1], -1)
+                outs.append(feats)
+                grads.append(g[..., : flat.shape[2]].reshape(feats.shape).to(feats.dtype))
+        if isinstance(lam, torch.Tensor) and lam.requires_grad:
+            dw = w if centre is None else w - centre.detach()
+            outs.append(lam)
+            grads.append((dw * v).sum().mul(-scale).reshape(lam.shape).to(lam.dtype))
+        if centre is not None and centre.requires_grad:
+            outs.append(centre)
+            grads.append((v * (scale * algo.l2_value())).to(centre.dtype))
+    if outs:
+        torch.autograd.backward(outs, grads)
 
 
 def step_records(algo: "MRML", step: HeadStep) -> list[tuple[float, float | None, dict[str, Any]]]:

@@ -223,7 +223,7 @@ class HeadProblem:
         return torch.bmm(self.feats, w.transpose(1, 2))
 
     # -- loss and gradient --------------------------------------------------------------------------
-    def _data(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def logit_terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per-task data loss (T,), its gradient in the logits (T, n, C) and the probabilities (T, n, C;
         None for regression), from one log-softmax."""
         t, n, c = z.shape
@@ -237,7 +237,7 @@ class HeadProblem:
 
     def data_value_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unregularised losses (T,) and their gradients (T, C, d+1) at W (T, C, d+1)."""
-        value, resid, _ = self._data(self.logits(w))
+        value, resid, _ = self.logit_terms(self.logits(w))
         return value, torch.bmm(resid.transpose(1, 2), self.feats)
 
     def data_value(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +259,7 @@ class HeadProblem:
         """g, its gradient and what Newton reuses at W: the logits, the probabilities (classification),
         ||W - W0||^2 -- one log-softmax for the value and the gradient."""
         z = self.logits(w)
-        value, resid, p = self._data(z)
+        value, resid, p = self.logit_terms(z)
         grad, sq = torch.bmm(resid.transpose(1, 2), self.feats), None
         if self._ridge():
             dw = self._dw(w)
@@ -298,6 +298,19 @@ class HeadProblem:
         else:
             data = 2.0 * ((z - self.targets) * u).sum((1, 2)) / (z.shape[1] * z.shape[2])
         return data + self._lam(0) * (self._dw(w) * v).sum((1, 2))
+
+    def feature_grads(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """d/dF~ of the data part of <d_W g_t(W), V> per task (T, n, d+1), W and V constant: R V + Q W with
+        R the loss's gradient in the logits and Q = d R along U = F~ V' (`grad_dot` in closed form, for
+        the features; its lambda and centre parts are <W - W0, V> and -lam V)."""
+        z, u = self.logits(w), self.logits(v)
+        _, r, p = self.logit_terms(z)
+        if self.kind == "classification":  # J_i u_i / n with J_i = diag(p_i) - p_i p_i'
+            pu = p * u
+            q = torch.addcmul(pu, p, pu.sum(2, keepdim=True), value=-1.0) / z.shape[1]
+        else:
+            q = 2.0 * u / (z.shape[1] * z.shape[2])
+        return torch.baddbmm(torch.bmm(q, w), r, v)
 
     # -- curvature ----------------------------------------------------------------------------------
     def probabilities(self, w: torch.Tensor) -> torch.Tensor | None:
