@@ -111,6 +111,23 @@ def test_grad_dot_gradients_in_feats_lambda_and_centre_equal_per_task(kind):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_feature_grads_equal_the_double_backward_of_the_mixed_term(kind, bias):
+    """The closed form the default form backpropagates (R V + Q W) against <d_W g_i(W), V> differentiated in
+    the features by autograd through autograd's own gradient of a plain loss."""
+    t, n, c, d = 3, 7, 4, 5
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(t, n, d, generator=g, dtype=D64, requires_grad=True)
+    targets = torch.randint(0, c, (t, n), generator=g) if kind == "classification" else torch.randn(t, n, c, generator=g, dtype=D64)
+    w, v = torch.randn(t, c, d + bias, generator=g, dtype=D64), torch.randn(t, c, d + bias, generator=g, dtype=D64)
+    got = HeadProblem.build(feats.detach(), targets, kind, 0.3, bias).feature_grads(w, v)
+    mixed = sum((grad_of(reference_g(kind, feats[i], targets[i], 0.3, bias, None), w[i].clone().requires_grad_(True),
+                         create_graph=True)[1] * v[i]).sum() for i in range(t))
+    want = torch.autograd.grad(mixed, feats)[0]
+    torch.testing.assert_close(got[..., :d], want, rtol=1e-12, atol=1e-12)
+
+
 def dense_hessian(kind, feats, targets, lam, bias, w0, w):
     """The explicit Hessian of a plain loss + ridge function of W, by autograd (independent of the solver)."""
     def g(wm: torch.Tensor) -> torch.Tensor:
