@@ -5,9 +5,10 @@ head's inner problem g_t(W) = loss(F~_t W') + (lam/2)||W - W0||^2 is solved on d
 one masked Newton loop over the tasks (`mrml.solvers.head.newton_heads`), the implicit system
 H_t v_t = d_W f_t by the head's closed forms (`direct`: the cheapest of the dual, primal and
 Woodbury solves; or CG on the closed-form Hessian products), and the surrogate
-sum_t scale (f_t(W_t) - <d_W g_t(W_t), V_t>) is backpropagated once: W, V constant, the features,
-lambda (when learned) and a proximal centre attached. Nothing here reads a tensor on the host: the
-per-task statistics come back as one stacked tensor (`HeadStep.table`), read once by the caller.
+sum_t scale (f_t(W_t) - <d_W g_t(W_t), V_t>) is backpropagated once, W and V constant: its gradients in
+the features, lambda (when learned) and a proximal centre are closed forms (`backpropagate_surrogate`),
+so no graph of the head is built. Nothing here reads a tensor on the host: the per-task statistics
+come back as one stacked tensor (`HeadStep.table`), read once by the caller.
 """
 from __future__ import annotations
 
