@@ -52,24 +52,26 @@ class CGInfo:
                 f"nonpositive_curvature={self.nonpositive_curvature})")
 
 
-class RecentMax:
-    """The most iterations among the last `window` solves (`push` one solve's most, get the new hint):
-    where the next solve's host checks start (`conjugate_gradient`'s `hint`). Counts that move by an
-    iteration or two from solve to solve then cost one check, not two or three; a solve needing fewer
-    iterations runs the extra ones masked (no result changes).
+class IterationHint:
+    """Where the next solve's host checks start (`conjugate_gradient`'s `hint`), from the iterations the last
+    solves needed (`push` one solve's most, get the new hint): the most of the last `window`, but at most
+    `margin` above the last one. Counts that wander by an iteration or two from solve to solve then cost
+    one check, not two or three; a solve needing fewer iterations runs the extra ones masked (no result
+    changes, at most `margin` products more after a long solve, e.g. the first of a warm start).
 
     Example:
-        >>> h = RecentMax(window=2)
-        >>> h.push(9), h.push(12), h.push(10), h.push(8)
-        (9, 12, 12, 10)
+        >>> h = IterationHint(window=3, margin=2)
+        >>> [h.push(c) for c in (9, 12, 10, 8, 60, 2, 3)]
+        [9, 12, 12, 10, 60, 4, 5]
     """
 
-    def __init__(self, window: int = 8):
+    def __init__(self, window: int = 8, margin: int = 2):
         self._recent: deque[int] = deque(maxlen=window)
+        self.margin = margin
 
     def push(self, count: int) -> int:
         self._recent.append(int(count))
-        return max(self._recent)
+        return min(max(self._recent), int(count) + self.margin)
 
 
 def conjugate_gradient(

@@ -351,7 +351,7 @@ class TaskBatched:
         read = torch.stack([t.to(torch.float64) for t in table]).tolist()  # the chunk's one host read
         losses, its, res, bad, lrs, norms = read[:6]
         accs: list[float | None] = read[6] if task_accs is not None else [None] * len(eps)
-        algo.cg_hint = algo.cg_recent.push(int(max(its)))
+        algo.cg_hint = algo.cg_hints.push(int(max(its)))
         return [
             StepStats(losses[c], accs[c], {
                 "cg_iterations": its[c], "cg_residual": res[c], "nonpositive_curvature": bad[c],

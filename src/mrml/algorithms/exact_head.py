@@ -190,7 +190,7 @@ def step_records(algo: "MRML", step: HeadStep) -> list[tuple[float, float | None
     k = len(STAT_KEYS)
     algo.newton_hint = int(max(rows[STAT_KEYS.index("inner_iterations")]))  # where the next solves check first
     if algo.config.implicit in ("cg", "damped"):
-        algo.cg_hint = algo.cg_recent.push(int(max(rows[STAT_KEYS.index("cg_iterations")])))
+        algo.cg_hint = algo.cg_hints.push(int(max(rows[STAT_KEYS.index("cg_iterations")])))
     out = []
     for i in range(step.table.shape[1]):
         extra = {key: float(rows[j][i]) for j, key in enumerate(STAT_KEYS) if key != "loss"}

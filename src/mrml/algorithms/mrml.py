@@ -52,7 +52,7 @@ import torch
 from .. import functional as fn
 from ..data.base import Episode
 from ..errors import NonFiniteError, UsageError
-from ..implicit import CGInfo, RecentMax
+from ..implicit import CGInfo, IterationHint
 from ..models.split import Params
 from ..pytree import detach
 from .base import IMPLICIT_SYSTEMS, MetaAlgorithm, StepStats, detached, host_floats
@@ -122,7 +122,7 @@ class MRML(MetaAlgorithm):
         #: (their host checks start there; None: every iteration)
         self.newton_hint: int | None = None
         self.cg_hint: int | None = None
-        self.cg_recent = RecentMax()  # CG's hint: the most iterations of the last solves
+        self.cg_hints = IterationHint()  # CG's hint from the iterations of the last solves
 
     def meta_gradient(self, episodes: list[Episode], task_ids: list[Any] | None = None,
                       scale: float | None = None, *, accumulate: bool = False,
@@ -284,7 +284,7 @@ class MRML(MetaAlgorithm):
         if accs is not None:
             stats["accuracy"] = accs
         stats = host_floats(stats)  # one host read
-        self.cg_hint = self.cg_recent.push(int(stats["cg_iterations"]))
+        self.cg_hint = self.cg_hints.push(int(stats["cg_iterations"]))
         loss, acc = stats.pop("loss"), stats.pop("accuracy", None)
         return StepStats(loss, acc, stats)
 

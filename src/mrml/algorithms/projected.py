@@ -174,6 +174,6 @@ def task_gradient(algo: "MRML", p: Projection, ep: Episode, scale: float) -> Ste
     if accs is not None:
         stats["accuracy"] = accs
     stats = host_floats(stats)  # one host read
-    algo.cg_hint = algo.cg_recent.push(int(stats["cg_iterations"])) if cfg.implicit != "neumann" else None
+    algo.cg_hint = algo.cg_hints.push(int(stats["cg_iterations"])) if cfg.implicit != "neumann" else None
     loss, acc = stats.pop("loss"), stats.pop("accuracy", None)
     return StepStats(loss, acc, stats)

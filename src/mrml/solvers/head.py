@@ -202,9 +202,11 @@ class HeadProblem:
         return hit[1], hit[2]
 
     def _half_lam(self, k: int) -> torch.Tensor | float:
-        """lam / 2 as `_lam(k)` gives lam (made once per k)."""
+        """lam / 2 as `_lam(k)` gives lam (made once per k; afresh when lam carries a graph)."""
         if not isinstance(self.lam, torch.Tensor):
             return 0.5 * self.lam
+        if self.lam.requires_grad:
+            return 0.5 * self._lam(k)
         return self._cached(("half_lam", k), lambda: 0.5 * self._lam(k))
 
     def _onehot(self, c: int) -> torch.Tensor:
