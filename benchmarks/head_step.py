@@ -12,20 +12,20 @@ Per process the best of `--repeats` passes over all tasks (ms per task); per tre
     python benchmarks/head_step.py --tree prev=../prev/src --tree new=src --ways 5 --shots 1 \\
         --out benchmarks/results/head_step/5w1s
 
-Writes OUT/results.json (every pass), results.csv (per tree) and results.png, and prints one line per tree.
+Writes OUT/results.json (every pass), results.csv (per tree) and results.png, and prints one line per tree
+(the child processes and the result files as `benchmarks/paired_floor.py` runs and writes them).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from paired_floor import run_trees, write_results  # the trees alternating in child processes; the result files
 
 
 def settings(ns: argparse.Namespace):
@@ -119,20 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     ns.out.mkdir(parents=True, exist_ok=True)
     tasks_file = ns.out / "tasks.pt"
     capture(ns, tasks_file)
-    trees = [t.split("=", 1) for t in (ns.tree or ["new=src"])]
-    given = argv if argv is not None else sys.argv[1:]
-    forwarded = [a for i, a in enumerate(given) if not (a.startswith("--tree") or (i > 0 and given[i - 1] == "--tree"))]
-    runs: dict[str, list[dict]] = {label: [] for label, _ in trees}
+    runs: dict[str, list[dict]] = {}
+
+    def collect(r: int, label: str, got: dict) -> None:
+        runs.setdefault(label, []).append(got)
+        best = {k: min(v) for k, v in got.items()}
+        print(f"round {r + 1}/{ns.rounds} {label}: head_step {best['head_step']:.3f} ms, "
+              f"newton {best['newton']:.3f} ms per task (best pass)", flush=True)
+
     try:
-        for r in range(ns.rounds):
-            for label, src in trees:
-                env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()), "OMP_NUM_THREADS": "1"}
-                out = subprocess.run([sys.executable, __file__, "--child", "--tasks-file", str(tasks_file), *forwarded],
-                                     env=env, check=True, capture_output=True, text=True).stdout
-                runs[label].append(json.loads(out.strip().splitlines()[-1]))
-                best = {k: min(v) for k, v in runs[label][-1].items()}
-                print(f"round {r + 1}/{ns.rounds} {label}: head_step {best['head_step']:.3f} ms, "
-                      f"newton {best['newton']:.3f} ms per task (best pass)", flush=True)
+        run_trees(__file__, ns.tree, argv, ns.rounds, collect, extra=["--tasks-file", str(tasks_file)],
+                  env={"OMP_NUM_THREADS": "1"})
     finally:
         tasks_file.unlink(missing_ok=True)
     rows = [{"tree": label, "rounds": len(rs),
@@ -141,12 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['tree']}: head_step {row['head_step_ms']:.3f} ms, newton {row['newton_ms']:.3f} ms per task "
               f"(median over {row['rounds']} processes of the best pass)")
-    kept = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(ns).items() if k not in ("child", "tasks_file")}
-    (ns.out / "results.json").write_text(json.dumps({"settings": kept, "summary": rows, "passes": runs}, indent=1))
-    with open(ns.out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_results(ns, rows, "passes", runs, hidden=("child", "tasks_file"))
     plot(runs, ns.out / "results.png", f"{ns.ways}-way {ns.shots}-shot, T = 1, one thread")
     return 0
 

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -77,20 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.out is None:
         p.error("--out is needed")
-    trees = [t.split("=", 1) for t in (ns.tree or ["new=src"])]
-    given = argv if argv is not None else sys.argv[1:]  # the child gets every option but the trees
-    forwarded = [a for i, a in enumerate(given) if not (a.startswith("--tree") or (i > 0 and given[i - 1] == "--tree"))]
-    pairs: dict[str, list[dict]] = {label: [] for label, _ in trees}
-    for r in range(ns.rounds):
-        for label, src in trees:
-            env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
-            out = subprocess.run([sys.executable, __file__, "--child", *forwarded], env=env, check=True,
-                                 capture_output=True, text=True).stdout
-            got = json.loads(out.strip().splitlines()[-1])["pairs"]
-            pairs[label] += [{**x, "round": r} for x in got]
-            print(f"round {r + 1}/{ns.rounds} {label}: median ratio so far "
-                  f"{statistics.median(x['mrml'] / x['floor'] for x in pairs[label]):.3f}", flush=True)
-    ns.out.mkdir(parents=True, exist_ok=True)
+    pairs: dict[str, list[dict]] = {}
+
+    def collect(r: int, label: str, got: dict) -> None:
+        pairs.setdefault(label, []).extend({**x, "round": r} for x in got["pairs"])
+        print(f"round {r + 1}/{ns.rounds} {label}: median ratio so far "
+              f"{statistics.median(x['mrml'] / x['floor'] for x in pairs[label]):.3f}", flush=True)
+
+    run_trees(__file__, ns.tree, argv, ns.rounds, collect)
     rows = []
     for label, xs in pairs.items():
         ratios = sorted(x["mrml"] / x["floor"] for x in xs)
@@ -101,14 +96,38 @@ def main(argv: list[str] | None = None) -> int:
                      "mrml_s": round(statistics.median(x["mrml"] for x in xs), 5)})
         print(f"{label}: mrml / floor median {rows[-1]['median_ratio']:.3f} (quartiles {rows[-1]['q1']:.3f}-"
               f"{rows[-1]['q3']:.3f}, {len(xs)} pairs); floor {rows[-1]['floor_s']:.4f} s, mrml {rows[-1]['mrml_s']:.4f} s")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(ns).items() if k != "child"}
-    (ns.out / "results.json").write_text(json.dumps({"settings": settings, "summary": rows, "pairs": pairs}, indent=1))
+    write_results(ns, rows, "pairs", pairs)
+    plot(pairs, ns.out / "results.png", f"{ns.ways}-way {ns.shots}-shot, meta-batch {ns.meta_batch}, K = {ns.inner_steps}")
+    return 0
+
+
+def run_trees(script: str, trees: list[str], argv: list[str] | None, rounds: int,
+              collect: Callable[[int, str, dict], None], extra: Sequence[str] = (), env: dict[str, str] | None = None,
+              ) -> None:
+    """Run `script --child *extra` with the command line's options but the trees, once per tree (LABEL=SRC_FOLDER,
+    default new=src; `PYTHONPATH` = that folder) per round, the trees alternating; each child prints its result as
+    JSON on its last line, handed to `collect(round, label, result)`. Shared with benchmarks/head_step.py."""
+    given = argv if argv is not None else sys.argv[1:]
+    forwarded = [a for i, a in enumerate(given) if not (a.startswith("--tree") or (i > 0 and given[i - 1] == "--tree"))]
+    for r in range(rounds):
+        for label, src in (t.split("=", 1) for t in (trees or ["new=src"])):
+            child_env = {**os.environ, **(env or {}), "PYTHONPATH": str(Path(src).resolve())}
+            out = subprocess.run([sys.executable, script, "--child", *extra, *forwarded], env=child_env, check=True,
+                                 capture_output=True, text=True).stdout
+            collect(r, label, json.loads(out.strip().splitlines()[-1]))
+
+
+def write_results(ns: argparse.Namespace, rows: list[dict], raw_key: str, raw: dict, hidden: Sequence[str] = ("child",)
+                  ) -> None:
+    """OUT/results.json (the settings but `hidden` options, the summary `rows`, `raw` under `raw_key`) and
+    OUT/results.csv (the rows)."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(ns).items() if k not in hidden}
+    ns.out.mkdir(parents=True, exist_ok=True)
+    (ns.out / "results.json").write_text(json.dumps({"settings": settings, "summary": rows, raw_key: raw}, indent=1))
     with open(ns.out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    plot(pairs, ns.out / "results.png", f"{ns.ways}-way {ns.shots}-shot, meta-batch {ns.meta_batch}, K = {ns.inner_steps}")
-    return 0
 
 
 def plot(pairs: dict[str, list[dict]], path: Path, title: str) -> None:

@@ -12,6 +12,7 @@ come back as one stacked tensor (`HeadStep.table`), read once by the caller.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,12 +48,11 @@ def closed_form_head(split: ModelSplit, kind: str) -> bool:
 @dataclass
 class HeadStep:
     """What `head_step` leaves besides `.grad`: the solved heads W (T, C, d+1), the system's solutions
-    V (same shape), the query predictions (T, n, C), and the statistics as one (rows, T) tensor (no
-    host read yet): STAT_KEYS, then the query accuracy (when `accuracy`), then lambda (when learned)."""
+    V (same shape), and the statistics as one (rows, T) tensor (no host read yet): STAT_KEYS, then the
+    query accuracy (when `accuracy`), then lambda (when learned)."""
 
     w: torch.Tensor
     v: torch.Tensor
-    pred: torch.Tensor
     table: torch.Tensor
     accuracy: bool
 
@@ -146,7 +146,7 @@ def head_step(algo: "MRML", fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor
         pred = query.logits(w)
         f, rq, _ = query.logit_terms(pred)
         v, cg_its, resid, bad = implicit_solution(algo, inner, w, torch.bmm(rq.transpose(1, 2), query.feats), v0)
-    v, pred = v.clone(), pred.clone()
+    v = v.clone()
     backpropagate_surrogate(algo, inner, fs, fq, w, v, rq, scale)
     r = info.rows
     rows = [f, cg_its, resid, bad, r["iterations"], r["grad_norm"], r["capped"], r["stalled"], r["floor"]]
@@ -155,7 +155,7 @@ def head_step(algo: "MRML", fs: torch.Tensor, fq: torch.Tensor, sy: torch.Tensor
         rows.append(accs)
     if algo.log_l2 is not None:
         rows.append(torch.as_tensor(algo.l2_value()).detach().expand(t))
-    return HeadStep(w, v, pred, torch.stack(rows), accs is not None)  # one dtype by promotion (no casts)
+    return HeadStep(w, v, torch.stack(rows), accs is not None)  # one dtype by promotion (no casts)
 
 
 def backpropagate_surrogate(algo: "MRML", inner: HeadProblem, fs: torch.Tensor, fq: torch.Tensor, w: torch.Tensor,
@@ -164,15 +164,14 @@ def backpropagate_surrogate(algo: "MRML", inner: HeadProblem, fs: torch.Tensor, 
     closed form: in the query features scale R_q W (R_q: d f / d logits), in the support features
     -scale d<d_W g, V>/dF~ (`HeadProblem.feature_grads`), in lambda (when learned) -scale <W - W0, V>
     and in a proximal centre scale lam V: one backward pass, no graph of the head."""
-    t, lam, centre = w.shape[0], algo.l2_attached(), stacked_centre(algo, True, w.shape[0])
+    lam, centre = algo.l2_attached(), stacked_centre(algo, True, w.shape[0])
     outs: list[torch.Tensor] = []
     grads: list[torch.Tensor] = []
     with torch.no_grad():
         for feats, g in ((fs, inner.feature_grads(w, v) * -scale), (fq, torch.bmm(rq, w) * scale)):
-            if feats.requires_grad:
-                flat = feats.reshape(t, feats.shape[1], -1)
+            if feats.requires_grad:  # F~ = [features flattened per example | 1]: the features' columns
                 outs.append(feats)
-                grads.append(g[..., : flat.shape[2]].reshape(feats.shape).to(feats.dtype))
+                grads.append(g[..., : math.prod(feats.shape[2:])].reshape(feats.shape).to(feats.dtype))
         if isinstance(lam, torch.Tensor) and lam.requires_grad:
             dw = w if centre is None else w - centre.detach()
             outs.append(lam)

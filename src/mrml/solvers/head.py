@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..pytree import flatten, unflatten
@@ -241,16 +240,6 @@ class HeadProblem:
         """The unregularised losses (T,) and their gradients (T, C, d+1) at W (T, C, d+1)."""
         value, resid, _ = self.logit_terms(self.logits(w))
         return value, torch.bmm(resid.transpose(1, 2), self.feats)
-
-    def data_value(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unregularised losses (T,) and the logits (T, n, C) at W, differentiable in the features."""
-        z = self.logits(w)
-        t, n, c = z.shape
-        if self.kind == "classification":
-            value = F.cross_entropy(z.reshape(t * n, c), self.targets.reshape(-1), reduction="none").reshape(t, n).mean(1)
-        else:
-            value = (z - self.targets).pow(2).mean((1, 2))
-        return value, z
 
     def value_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """g_t (T,) and d_W g_t (T, C, d+1) at W."""
